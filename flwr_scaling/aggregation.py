@@ -1,0 +1,54 @@
+"""Server-side updates of the model and the preconditioner, shared by the Flower
+strategy and the serial reference loop so that both follow one definition."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+
+import numpy as np
+
+from .arrays import weighted_average
+from .rules import ScalingRule, ones_like
+
+NumpyArrays = dict[str, np.ndarray]
+
+
+def warmup_state(statistics: Sequence[Mapping[str, np.ndarray]], weights: Sequence[float]) -> NumpyArrays:
+    """``v⁰ = Σ w_m s_m``: the weighted mean of the clients' statistics at x⁰."""
+    return weighted_average(statistics, weights)
+
+
+def next_state(
+    rule: ScalingRule,
+    mode: str,
+    state: Mapping[str, np.ndarray] | None,
+    payloads: Sequence[Mapping[str, np.ndarray]],
+    weights: Sequence[float],
+    beta: float,
+) -> NumpyArrays:
+    """The preconditioner state after one synchronisation.
+
+    ``global``: ``v_{p+1} = update(v_p, Σ w_m s_m)`` (payloads are statistics);
+    ``local``: ``v_{p+1} = Σ w_m v_m`` (payloads are the clients' states).
+    A ``None`` state stands for v = 1 (``precond-init = "ones"``).
+    """
+    average = weighted_average(payloads, weights)
+    if mode == "local":
+        return average
+    current = dict(state) if state is not None else ones_like(average)
+    updated = rule.update(current, average, beta)
+    return {k: np.asarray(v, dtype=np.float32) for k, v in updated.items()}
+
+
+def next_model(
+    current: Mapping[str, np.ndarray],
+    average: Mapping[str, np.ndarray],
+    server_lr: float,
+) -> NumpyArrays:
+    """``x_{p+1} = x_p + η (Σ w_m x_m − x_p)``; η = 1 is plain FedAvg."""
+    if server_lr == 1.0:
+        return dict(average)
+    return {
+        k: (current[k] + server_lr * (average[k].astype(np.float64) - current[k])).astype(current[k].dtype)
+        for k in average
+    }

@@ -1,0 +1,206 @@
+"""The run configuration: one definition of every option, its default and its check.
+
+The same keys (kebab-case) are used on the command line (``--precond-alpha``),
+in Flower's ``[tool.flwr.app.config]`` / ``flwr run -c "precond-alpha=0.1"`` and
+in the ConfigRecord that travels to the clients. Everything is validated here,
+before any data is loaded or Ray is started.
+"""
+
+from __future__ import annotations
+
+import difflib
+import math
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, fields, replace
+from typing import Any
+
+from .data import DATASETS, EVAL_SPLITS
+from .models import MODELS
+from .rules import RULES
+from .training import MODES
+
+STRATEGIES = ("fedavg", "savic")
+INITS = ("warmup", "ones")
+
+# Step sizes and clips chosen by measurement on the default problem (digits,
+# CNN, 10 clients, Dirichlet 0.5, 1 local epoch, batch 32, 30 rounds; see
+# README "Defaults"). A user-given value always wins.
+DEFAULT_LR = {
+    ("fedavg", "identity"): 0.2,
+    ("savic", "identity"): 0.2,
+    ("savic", "adagrad"): 0.01,
+    ("savic", "rmsprop"): 0.003,
+    ("savic", "adam"): 0.003,
+    ("savic", "oasis"): 0.03,
+}
+DEFAULT_ALPHA = {"identity": 1e-3, "adagrad": 1e-3, "rmsprop": 1e-3, "adam": 1e-3, "oasis": 0.1}
+
+
+class ConfigError(ValueError):
+    """A bad option: the message is one line that says what is wrong and what to do."""
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """Every option of one run. ``None`` means "the measured default for this method"."""
+
+    strategy: str = "savic"
+    precond: str | None = None
+    precond_mode: str = "global"
+    precond_beta: float = 0.99
+    precond_alpha: float | None = None
+    precond_init: str = "warmup"
+    precond_probes: int = 1
+    warmup_batches: int = 4
+    adam_beta1: float = 0.9
+    momentum: float = 0.0
+    lr: float | None = None
+    server_lr: float = 1.0
+    local_epochs: int = 1
+    batch_size: int = 32
+    rounds: int = 30
+    num_clients: int = 10
+    clients_per_round: int | None = None
+    dirichlet_alpha: float = 0.5
+    dataset: str = "digits"
+    eval_split: str = "test"
+    model: str | None = None
+    seed: int = 0
+    out: str = ""
+
+    # ------------------------------------------------------------------ keys
+    @staticmethod
+    def key(field_name: str) -> str:
+        return field_name.replace("_", "-")
+
+    @classmethod
+    def keys(cls) -> list[str]:
+        return [cls.key(f.name) for f in fields(cls)]
+
+    def to_dict(self) -> dict[str, Any]:
+        """Kebab-case keys, as in Flower configs and on the command line."""
+        return {self.key(k): v for k, v in asdict(self).items()}
+
+    def to_flower(self) -> dict[str, Any]:
+        """The resolved config as ConfigRecord-compatible values (no ``None``)."""
+        return {k: v for k, v in self.resolved().to_dict().items() if v is not None}
+
+    @classmethod
+    def from_mapping(cls, values: Mapping[str, Any]) -> RunConfig:
+        """Build from kebab-case keys (Flower run config, TOML, JSON), checking names and types."""
+        known = {cls.key(f.name): f for f in fields(cls)}
+        kwargs: dict[str, Any] = {}
+        for key, value in values.items():
+            if key not in known:
+                raise ConfigError(f"unknown option {key!r}{_suggest(key, known)}")
+            kwargs[known[key].name] = _coerce(key, value, known[key].type)
+        return cls(**kwargs)
+
+    # -------------------------------------------------------------- defaults
+    def resolved(self) -> RunConfig:
+        """Fill every ``None`` with its documented default; validate first."""
+        self.validate()
+        precond = self.precond or ("identity" if self.strategy == "fedavg" else "adam")
+        model = self.model
+        if model is None:
+            model = "cnn" if self.dataset == "digits" else "logreg"
+        return replace(
+            self,
+            precond=precond,
+            precond_alpha=self.precond_alpha if self.precond_alpha is not None else DEFAULT_ALPHA[precond],
+            lr=self.lr if self.lr is not None else DEFAULT_LR[(self.strategy, precond)],
+            clients_per_round=self.clients_per_round or self.num_clients,
+            model=model,
+            out=self.out or f"runs/{self.label(precond)}",
+        )
+
+    def label(self, precond: str | None = None) -> str:
+        """A short name for plots and folders, e.g. ``savic-adam-global``."""
+        precond = precond or self.precond or ("identity" if self.strategy == "fedavg" else "adam")
+        if self.strategy == "fedavg" or precond == "identity":
+            return "fedavg"
+        return f"savic-{precond}-{self.precond_mode}"
+
+    # ------------------------------------------------------------ validation
+    def validate(self) -> None:
+        """Raise ConfigError (one line) on the first bad option."""
+        _choice("strategy", self.strategy, STRATEGIES)
+        if self.precond is not None:
+            _choice("precond", self.precond, RULES)
+            if self.strategy == "fedavg" and self.precond != "identity":
+                raise ConfigError(
+                    f"strategy 'fedavg' is plain Local SGD and takes no preconditioner; "
+                    f"use --strategy savic with --precond {self.precond}"
+                )
+        _choice("precond-mode", self.precond_mode, MODES)
+        _choice("precond-init", self.precond_init, INITS)
+        _choice("dataset", self.dataset, DATASETS)
+        _choice("eval-split", self.eval_split, EVAL_SPLITS)
+        if self.model is not None:
+            _choice("model", self.model, MODELS)
+            if self.model == "cnn" and self.dataset != "digits":
+                raise ConfigError(f"model 'cnn' needs image data; dataset {self.dataset!r} is tabular: use --model mlp or logreg")
+        _range("precond-beta", self.precond_beta, 0.0, 1.0, high_open=True)
+        _range("adam-beta1", self.adam_beta1, 0.0, 1.0, high_open=True)
+        _range("momentum", self.momentum, 0.0, 1.0, high_open=True)
+        _positive("precond-alpha", self.precond_alpha)
+        _positive("lr", self.lr)
+        _positive("server-lr", self.server_lr)
+        _positive("dirichlet-alpha", self.dirichlet_alpha)
+        for name in ("precond-probes", "warmup-batches", "local-epochs", "batch-size", "rounds"):
+            _at_least(name, getattr(self, name.replace("-", "_")), 1)
+        _at_least("num-clients", self.num_clients, 1)
+        if self.clients_per_round is not None:
+            _at_least("clients-per-round", self.clients_per_round, 1)
+            if self.clients_per_round > self.num_clients:
+                raise ConfigError(
+                    f"clients-per-round ({self.clients_per_round}) cannot exceed num-clients ({self.num_clients})"
+                )
+        _at_least("seed", self.seed, 0)
+
+
+def _suggest(word: str, choices) -> str:
+    close = difflib.get_close_matches(word, list(choices), n=1)
+    return f"; did you mean {close[0]!r}?" if close else f"; known: {', '.join(choices)}"
+
+
+def _choice(name: str, value: Any, choices) -> None:
+    if value not in choices:
+        raise ConfigError(f"{name}: unknown value {value!r}{_suggest(str(value), choices)}")
+
+
+def _positive(name: str, value: float | None) -> None:
+    if value is not None and not (math.isfinite(value) and value > 0):
+        raise ConfigError(f"{name} must be a finite number > 0, got {value}")
+
+
+def _range(name: str, value: float, low: float, high: float, high_open: bool) -> None:
+    ok = math.isfinite(value) and low <= value and (value < high if high_open else value <= high)
+    if not ok:
+        bracket = ")" if high_open else "]"
+        raise ConfigError(f"{name} must be in [{low}, {high}{bracket}, got {value}")
+
+
+def _at_least(name: str, value: int, low: int) -> None:
+    if value < low:
+        raise ConfigError(f"{name} must be an integer >= {low}, got {value}")
+
+
+def _coerce(key: str, value: Any, annotation: Any) -> Any:
+    """Convert a config value to the field's type, with a one-line error."""
+    text = str(annotation)
+    if value is None or (isinstance(value, str) and value == "" and "None" in text):
+        return None
+    try:
+        if text.startswith("int"):
+            if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
+                raise ValueError
+            return int(value)
+        if text.startswith("float"):
+            if isinstance(value, bool):
+                raise ValueError
+            return float(value)
+        return str(value)
+    except (TypeError, ValueError):
+        kind = "an integer" if text.startswith("int") else "a number"
+        raise ConfigError(f"{key} must be {kind}, got {value!r}") from None

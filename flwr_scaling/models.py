@@ -1,0 +1,44 @@
+"""Models, with input and output sizes taken from the data."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+MODELS = ("cnn", "mlp", "logreg")
+
+
+class SmallCNN(nn.Module):
+    """conv 16 3x3 -> ReLU -> maxpool 2 -> conv 32 3x3 -> ReLU -> maxpool 2 -> linear."""
+
+    def __init__(self, input_shape: tuple[int, ...], num_classes: int) -> None:
+        super().__init__()
+        if len(input_shape) != 3:
+            raise ValueError(f"cnn needs image input (channels, height, width), got shape {input_shape}")
+        channels, height, width = input_shape
+        self.features = nn.Sequential(
+            nn.Conv2d(channels, 16, kernel_size=3, padding=1),
+            nn.ReLU(),
+            nn.MaxPool2d(2),
+            nn.Conv2d(16, 32, kernel_size=3, padding=1),
+            nn.ReLU(),
+            nn.MaxPool2d(2),
+        )
+        self.classifier = nn.Linear(32 * (height // 4) * (width // 4), num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.classifier(self.features(x).flatten(1))
+
+
+def build_model(name: str, input_shape: tuple[int, ...], num_classes: int) -> nn.Module:
+    """Build ``cnn``, ``mlp`` (one hidden layer of 64) or ``logreg`` for the data's sizes."""
+    flat = math.prod(input_shape)
+    if name == "cnn":
+        return SmallCNN(input_shape, num_classes)
+    if name == "mlp":
+        return nn.Sequential(nn.Flatten(), nn.Linear(flat, 64), nn.ReLU(), nn.Linear(64, num_classes))
+    if name == "logreg":
+        return nn.Sequential(nn.Flatten(), nn.Linear(flat, num_classes))
+    raise ValueError(f"unknown model {name!r}; choose one of {', '.join(MODELS)}")

@@ -1,0 +1,79 @@
+"""A run's output folder: ``config.json``, ``metrics.csv`` and one progress line per round."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+COLUMNS = (
+    "round",
+    "test_loss",
+    "test_accuracy",
+    "train_loss",
+    "bytes_down",
+    "bytes_up",
+    "wall_s",
+    "precond_min",
+    "precond_max",
+    "clients_ok",
+    "clients_failed",
+)
+
+
+def write_atomic(path: Path, text: str) -> None:
+    """Write to a temporary file beside ``path``, then rename: readers never see half a file."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def read_metrics(path: str | Path) -> list[dict[str, float]]:
+    """``metrics.csv`` as a list of rows of floats (``round`` as int)."""
+    with open(path, newline="", encoding="utf-8") as handle:
+        rows = list(csv.DictReader(handle))
+    return [{k: (int(v) if k == "round" else float(v)) for k, v in row.items()} for row in rows]
+
+
+class RunRecorder:
+    """Collects one row per round and keeps ``metrics.csv`` complete after every round."""
+
+    def __init__(self, out_dir: str | Path, config: dict[str, Any], label: str, stream=None) -> None:
+        self.out_dir = Path(out_dir)
+        self.label = label
+        self.rows: list[dict[str, Any]] = []
+        self.stream = stream or sys.stdout
+        self.rounds = int(config.get("rounds", 0))
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        write_atomic(self.out_dir / "config.json", json.dumps(config, indent=2, sort_keys=True) + "\n")
+        self._last = time.perf_counter()
+
+    def initial(self, test_loss: float, test_accuracy: float) -> None:
+        self._last = time.perf_counter()
+        print(f"[{self.label}] round 0/{self.rounds}  test_acc {test_accuracy:.3f}  test_loss {test_loss:.3f}",
+              file=self.stream, flush=True)
+
+    def add(self, row: dict[str, Any]) -> None:
+        now = time.perf_counter()
+        row = {**row, "wall_s": round(now - self._last, 4)}
+        self._last = now
+        self.rows.append({k: row.get(k, "") for k in COLUMNS})
+        buffer = io.StringIO()
+        writer = csv.DictWriter(buffer, fieldnames=COLUMNS, lineterminator="\n")
+        writer.writeheader()
+        writer.writerows(self.rows)
+        write_atomic(self.out_dir / "metrics.csv", buffer.getvalue())
+        megabytes = (row["bytes_down"] + row["bytes_up"]) / 1e6
+        failed = f"  {row['clients_failed']} clients rejected" if row.get("clients_failed") else ""
+        print(
+            f"[{self.label}] round {row['round']}/{self.rounds}  test_acc {row['test_accuracy']:.3f}  "
+            f"test_loss {row['test_loss']:.3f}  train_loss {row['train_loss']:.3f}  "
+            f"D̂ [{row['precond_min']:.2g}, {row['precond_max']:.2g}]  {megabytes:.2f} MB  {row['wall_s']:.2f} s{failed}",
+            file=self.stream,
+            flush=True,
+        )

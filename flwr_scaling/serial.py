@@ -1,0 +1,65 @@
+"""The same algorithm in one process, without Flower: a reference for tuning and benchmarks.
+
+It runs the identical client code (``local_round``), the identical server
+updates (``aggregation``) and the identical data and seeds as the Flower
+simulation, serially: the "physical limit" of a round on this machine.
+"""
+
+from __future__ import annotations
+
+import random
+import time
+from dataclasses import dataclass
+
+import numpy as np
+
+from .aggregation import next_model, next_state, warmup_state
+from .arrays import numpy_to_torch, torch_to_numpy, weighted_average
+from .clients.logic import client_partition, local_round, local_statistic
+from .config import RunConfig
+from .data import load_federated_data
+from .rules import diagonal_bounds, get_rule
+from .seeding import derived_seed, initial_model
+from .training import evaluate
+
+
+@dataclass
+class SerialRound:
+    round: int
+    test_loss: float
+    test_accuracy: float
+    train_loss: float
+    precond_min: float
+    precond_max: float
+    wall_s: float
+
+
+def run_serial(config: RunConfig) -> list[SerialRound]:
+    """Run ``config`` serially; return one row per round."""
+    cfg = config.resolved()
+    data = load_federated_data(cfg.dataset, cfg.seed, cfg.eval_split)
+    model = initial_model(cfg.model, data.input_shape, data.num_classes, cfg.seed)
+    rule = get_rule(cfg.precond)
+    partitions = [client_partition(cfg, pid) for pid in range(cfg.num_clients)]
+    test_x, test_y = data.test.tensors()
+    sampler = random.Random(derived_seed(cfg.seed, 0x5A))
+    global_arrays = torch_to_numpy(model.state_dict())
+    state = None
+    rows = []
+    for server_round in range(1, cfg.rounds + 1):
+        start = time.perf_counter()
+        chosen = sorted(sampler.sample(range(cfg.num_clients), cfg.clients_per_round))
+        weights = [len(partitions[pid]) for pid in chosen]
+        if rule.has_state and state is None and cfg.precond_init == "warmup":
+            stats = [local_statistic(cfg, partitions[pid], global_arrays, pid) for pid in chosen]
+            state = warmup_state(stats, weights)
+        low, high = diagonal_bounds(rule.diagonal(state, cfg.precond_alpha)) if state is not None else (1.0, 1.0)
+        replies = [local_round(cfg, partitions[pid], global_arrays, state, server_round, pid) for pid in chosen]
+        global_arrays = next_model(global_arrays, weighted_average([r.arrays for r in replies], weights), cfg.server_lr)
+        if rule.has_state:
+            state = next_state(rule, cfg.precond_mode, state, [r.payload for r in replies], weights, cfg.precond_beta)
+        model.load_state_dict(numpy_to_torch(global_arrays))
+        test_loss, test_acc = evaluate(model, test_x, test_y)
+        train_loss = float(np.average([r.train_loss for r in replies], weights=weights))
+        rows.append(SerialRound(server_round, test_loss, test_acc, train_loss, low, high, time.perf_counter() - start))
+    return rows

@@ -1,0 +1,21 @@
+"""Translate a run configuration into one client's training settings."""
+
+from __future__ import annotations
+
+from .config import RunConfig
+from .training import TrainSettings
+
+
+def train_settings(config: RunConfig) -> TrainSettings:
+    cfg = config.resolved()
+    return TrainSettings(
+        rule=cfg.precond,
+        mode=cfg.precond_mode,
+        lr=cfg.lr,
+        alpha=cfg.precond_alpha,
+        beta=cfg.precond_beta,
+        local_epochs=cfg.local_epochs,
+        adam_beta1=cfg.adam_beta1,
+        momentum=cfg.momentum,
+        num_probes=cfg.precond_probes,
+    )

@@ -1,0 +1,73 @@
+"""Checks on one client reply before it may touch the global model or preconditioner."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import numpy as np
+from flwr.app import ArrayRecord, Message
+
+from ..rules import ScalingRule
+
+
+def _arrays_problem(name: str, record: ArrayRecord, expected: Mapping[str, tuple[tuple[int, ...], str]], nonnegative: bool) -> str | None:
+    keys = set(record.keys())
+    if keys != set(expected):
+        missing, extra = sorted(set(expected) - keys), sorted(keys - set(expected))
+        return f"{name} has wrong keys (missing {missing}, unexpected {extra})"
+    for key, array in record.items():
+        shape, dtype = expected[key]
+        if tuple(array.shape) != shape or array.dtype != dtype:
+            return f"{name}[{key}] is {array.dtype}{list(array.shape)}, expected {dtype}{list(shape)}"
+        values = array.numpy()
+        if not np.all(np.isfinite(values)):
+            return f"{name}[{key}] contains NaN or Inf"
+        if nonnegative and values.size and values.min() < 0:
+            return f"{name}[{key}] has negative entries, impossible for this rule"
+    return None
+
+
+def describe(record: ArrayRecord) -> dict[str, tuple[tuple[int, ...], str]]:
+    """``{key: (shape, dtype)}`` of a record: what a reply must match."""
+    return {key: (tuple(array.shape), array.dtype) for key, array in record.items()}
+
+
+def reply_problem(
+    message: Message,
+    *,
+    arrayrecord_key: str,
+    stats_key: str,
+    weighted_by_key: str,
+    model_layout: Mapping[str, tuple[tuple[int, ...], str]] | None,
+    rule: ScalingRule,
+    stats_layout: Mapping[str, tuple[tuple[int, ...], str]] | None,
+) -> str | None:
+    """Why this reply must be rejected, or ``None`` when it is good.
+
+    ``model_layout`` is ``None`` for warm-up replies, which carry no model.
+    ``stats_layout`` is ``None`` when the server does not know the statistic's
+    layout yet (first round with ``precond-init = "ones"``); it is then checked
+    for values only.
+    """
+    if message.has_error():
+        return f"client raised: {message.error.reason}"
+    content = message.content
+    metrics = [content[k] for k in content.metric_records]
+    if len(metrics) != 1:
+        return f"expected one MetricRecord, got {len(metrics)}"
+    weight = metrics[0].get(weighted_by_key)
+    if not isinstance(weight, int | float) or isinstance(weight, bool) or not np.isfinite(weight) or weight <= 0:
+        return f"'{weighted_by_key}' is missing or not positive ({weight!r})"
+    if model_layout is not None:
+        if arrayrecord_key not in content.array_records:
+            return f"no '{arrayrecord_key}' ArrayRecord"
+        problem = _arrays_problem("model", content[arrayrecord_key], model_layout, nonnegative=False)
+        if problem:
+            return problem
+    if rule.has_state:
+        if stats_key not in content.array_records:
+            return f"no '{stats_key}' ArrayRecord (statistic or state)"
+        record = content[stats_key]
+        layout = stats_layout if stats_layout is not None else describe(record)
+        return _arrays_problem(stats_key, record, layout, nonnegative=rule.nonnegative)
+    return None

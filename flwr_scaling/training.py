@@ -1,0 +1,262 @@
+"""Scaled local SGD on one client, usable without Flower.
+
+``train_scaled(model, loader, settings, state)`` runs ``local_epochs`` epochs
+of ``x <- x - lr * g / D̂`` over ``loader`` and returns what the client sends
+back: in ``global`` mode the round-mean of the per-step statistic (D̂ stays
+fixed for the whole round), in ``local`` mode the client's own state, updated
+at every step. See ``shared/design/algorithm.md`` for the exact algorithm.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .rules import STAT_GRAD_SQUARED, STAT_HUTCHINSON, ScalingRule, diagonal_bounds, get_rule, ones_like
+
+MODES = ("global", "local")
+Tensors = dict[str, torch.Tensor]
+
+
+@dataclass(frozen=True)
+class TrainSettings:
+    """How one client trains in one round.
+
+    Parameters
+    ----------
+    rule : str (default: "adam")
+        Scaling rule name (see ``flwr_scaling.rules.RULES``).
+    mode : str (default: "global")
+        ``"global"``: D̂ fixed for the round, the statistic is accumulated;
+        ``"local"``: the state is updated and D̂ recomputed before every step.
+    lr : float (default: 0.01)
+        Client step size γ.
+    alpha : float (default: 1e-3)
+        Lower clip of the diagonal, ``D̂ = max(alpha, D(v))``.
+    beta : float (default: 0.99)
+        Moving-average factor of the state (rmsprop, adam, oasis; local mode).
+    local_epochs : int (default: 1)
+        Passes over the client's data.
+    adam_beta1 : float (default: 0.9)
+        First-moment factor of ``adam``; the moment restarts at 0 every round.
+    momentum : float (default: 0.0)
+        Heavy-ball momentum on ``g / D̂`` (the paper has none).
+    num_probes : int (default: 1)
+        Hutchinson probes per step for ``oasis``.
+    """
+
+    rule: str = "adam"
+    mode: str = "global"
+    lr: float = 0.01
+    alpha: float = 1e-3
+    beta: float = 0.99
+    local_epochs: int = 1
+    adam_beta1: float = 0.9
+    momentum: float = 0.0
+    num_probes: int = 1
+
+
+@dataclass
+class TrainResult:
+    """What one client's round produced."""
+
+    statistic: Tensors | None  # global mode: mean per-step statistic
+    state: Tensors | None  # local mode: the client's final state
+    num_steps: int
+    num_examples: int
+    train_loss: float  # mean minibatch loss over the round
+    precond_min: float  # min D̂ used (last one in local mode)
+    precond_max: float
+
+
+def trainable_parameters(model: nn.Module) -> dict[str, nn.Parameter]:
+    """The parameters that are scaled, keyed like ``model.state_dict()``."""
+    return {name: p for name, p in model.named_parameters() if p.requires_grad}
+
+
+def _rademacher(like: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+    bits = torch.randint(0, 2, like.shape, generator=generator, dtype=torch.int8)
+    return bits.to(like.dtype) * 2 - 1
+
+
+def hutchinson_diagonal(
+    gradients: Iterable[torch.Tensor],
+    parameters: Iterable[torch.Tensor],
+    num_probes: int,
+    generator: torch.Generator | None = None,
+) -> list[torch.Tensor]:
+    """Mean over probes of ``z ⊙ (∇²f z)``, z Rademacher: an unbiased Hessian-diagonal estimate.
+
+    ``gradients`` must come from ``torch.autograd.grad(..., create_graph=True)``;
+    each probe costs one Hessian-vector product (a second backward pass).
+    """
+    gradients, parameters = list(gradients), list(parameters)
+    sums = [torch.zeros_like(p) for p in parameters]
+    for probe in range(num_probes):
+        probes = [_rademacher(g, generator) for g in gradients]
+        products = torch.autograd.grad(
+            gradients, parameters, grad_outputs=probes, retain_graph=probe < num_probes - 1, allow_unused=True
+        )
+        for acc, z, hz in zip(sums, probes, products, strict=True):
+            if hz is not None:  # None: the gradient does not depend on this parameter
+                acc.add_(z * hz.detach())
+    return [acc / num_probes for acc in sums]
+
+
+def _loss_and_gradients(
+    model: nn.Module, params: list[torch.Tensor], x: torch.Tensor, y: torch.Tensor, create_graph: bool
+) -> tuple[torch.Tensor, tuple[torch.Tensor, ...]]:
+    loss = F.cross_entropy(model(x), y)
+    return loss, torch.autograd.grad(loss, params, create_graph=create_graph)
+
+
+def _statistic(
+    rule: ScalingRule,
+    params: list[torch.Tensor],
+    grads: tuple[torch.Tensor, ...],
+    num_probes: int,
+    generator: torch.Generator | None,
+) -> list[torch.Tensor]:
+    if rule.statistic == STAT_GRAD_SQUARED:
+        return [g.detach() * g.detach() for g in grads]
+    if rule.statistic == STAT_HUTCHINSON:
+        return hutchinson_diagonal(grads, params, num_probes, generator)
+    raise ValueError(f"rule {rule.name!r} has no statistic")
+
+
+def compute_statistic(
+    model: nn.Module,
+    loader: Iterable[tuple[torch.Tensor, torch.Tensor]],
+    rule_name: str,
+    max_batches: int,
+    num_probes: int = 1,
+    generator: torch.Generator | None = None,
+) -> tuple[Tensors, int]:
+    """The rule's statistic at the current model, averaged over up to ``max_batches`` batches.
+
+    This is the warm-up: no training, the model is not changed. Returns the
+    statistic keyed like the trainable parameters and the number of batches used.
+    """
+    rule = get_rule(rule_name)
+    named = trainable_parameters(model)
+    params = list(named.values())
+    sums = [torch.zeros_like(p) for p in params]
+    batches = 0
+    model.train()
+    for x, y in loader:
+        if batches >= max_batches:
+            break
+        _, grads = _loss_and_gradients(model, params, x, y, create_graph=rule.statistic == STAT_HUTCHINSON)
+        for acc, value in zip(sums, _statistic(rule, params, grads, num_probes, generator), strict=True):
+            acc.add_(value)
+        batches += 1
+    if batches == 0:
+        raise ValueError("the data loader yielded no batch: the client has no data")
+    return {name: acc / batches for name, acc in zip(named, sums, strict=True)}, batches
+
+
+def train_scaled(
+    model: nn.Module,
+    loader: Iterable[tuple[torch.Tensor, torch.Tensor]],
+    settings: TrainSettings,
+    state: Tensors | None = None,
+    generator: torch.Generator | None = None,
+) -> TrainResult:
+    """Run one round of scaled local SGD in place on ``model``.
+
+    Parameters
+    ----------
+    model : nn.Module
+        Starts at the round's global model; trained in place.
+    loader : iterable of (x, y)
+        Re-iterable once per epoch (a DataLoader).
+    settings : TrainSettings
+        Rule, mode and step sizes.
+    state : dict of tensors, optional
+        The preconditioner state v_p from the server, keyed like the trainable
+        parameters. ``None`` means v = 1 (``precond-init = "ones"``).
+    generator : torch.Generator, optional
+        Source of the Hutchinson probes (seed it for reproducible runs).
+    """
+    rule = get_rule(settings.rule)
+    if settings.mode not in MODES:
+        raise ValueError(f"unknown precond-mode {settings.mode!r}; choose one of {', '.join(MODES)}")
+    named = trainable_parameters(model)
+    names, params = list(named), list(named.values())
+
+    diag: list[torch.Tensor] | None = None
+    current: Tensors | None = None
+    if rule.has_state:
+        current = dict(state) if state is not None else ones_like({n: p.detach() for n, p in named.items()})
+        missing = set(names) - set(current)
+        if missing:
+            raise ValueError(f"the preconditioner state lacks parameters {sorted(missing)}")
+        current = {n: current[n].to(dtype=named[n].dtype) for n in names}
+        diag_map = rule.diagonal(current, settings.alpha)
+        diag = [diag_map[n] for n in names]
+    stat_sums = [torch.zeros_like(p) for p in params] if rule.has_state and settings.mode == "global" else None
+    first_moment = [torch.zeros_like(p) for p in params] if rule.first_moment else None
+    velocity = [torch.zeros_like(p) for p in params] if settings.momentum else None
+    need_graph = rule.statistic == STAT_HUTCHINSON
+
+    steps, loss_sum, num_examples = 0, 0.0, 0
+    model.train()
+    for epoch in range(settings.local_epochs):
+        for x, y in loader:
+            steps += 1
+            if epoch == 0:
+                num_examples += len(y)
+            loss, grads = _loss_and_gradients(model, params, x, y, create_graph=need_graph)
+            loss_sum += float(loss.detach())
+            if rule.has_state:
+                stat = _statistic(rule, params, grads, settings.num_probes, generator)
+                if stat_sums is not None:
+                    for acc, value in zip(stat_sums, stat, strict=True):
+                        acc.add_(value)
+                else:  # local scaling: absorb this step's statistic, then recompute D̂
+                    current = rule.update(current, dict(zip(names, stat, strict=True)), settings.beta)
+                    diag_map = rule.diagonal(current, settings.alpha)
+                    diag = [diag_map[n] for n in names]
+            with torch.no_grad():
+                for i, (param, grad) in enumerate(zip(params, grads, strict=True)):
+                    direction = grad.detach()
+                    if first_moment is not None:
+                        first_moment[i].mul_(settings.adam_beta1).add_(direction, alpha=1 - settings.adam_beta1)
+                        direction = first_moment[i] / (1 - settings.adam_beta1**steps)
+                    if diag is not None:
+                        direction = direction / diag[i]
+                    if velocity is not None:
+                        velocity[i].mul_(settings.momentum).add_(direction)
+                        direction = velocity[i]
+                    param.sub_(direction, alpha=settings.lr)
+    if steps == 0:
+        raise ValueError("the data loader yielded no batch: the client has no data")
+
+    low, high = diagonal_bounds(dict(zip(names, diag, strict=True))) if diag is not None else (1.0, 1.0)
+    statistic = {n: acc / steps for n, acc in zip(names, stat_sums, strict=True)} if stat_sums is not None else None
+    return TrainResult(
+        statistic=statistic,
+        state=current if rule.has_state and settings.mode == "local" else None,
+        num_steps=steps,
+        num_examples=num_examples,
+        train_loss=loss_sum / steps,
+        precond_min=low,
+        precond_max=high,
+    )
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, features: torch.Tensor, labels: torch.Tensor, batch_size: int = 1024) -> tuple[float, float]:
+    """Mean cross-entropy loss and accuracy of ``model`` on a whole split."""
+    model.eval()
+    loss_sum, correct = 0.0, 0
+    for start in range(0, len(labels), batch_size):
+        logits = model(features[start : start + batch_size])
+        target = labels[start : start + batch_size]
+        loss_sum += float(F.cross_entropy(logits, target, reduction="sum"))
+        correct += int((logits.argmax(dim=1) == target).sum())
+    return loss_sum / len(labels), correct / len(labels)
