@@ -19,12 +19,13 @@ from flwr_scaling.config import RunConfig
 from flwr_scaling.serial import run_serial
 
 GRID = {
-    ("fedavg", "identity", "global"): [0.05, 0.1, 0.2, 0.4],
+    ("fedavg", "identity", "global"): [0.1, 0.2, 0.4, 0.8],
     ("savic", "adam", "global"): [0.001, 0.003, 0.01, 0.03],
     ("savic", "adam", "local"): [0.001, 0.003, 0.01, 0.03],
     ("savic", "rmsprop", "global"): [0.001, 0.003, 0.01, 0.03],
     ("savic", "rmsprop", "local"): [0.001, 0.003, 0.01, 0.03],
-    ("savic", "adagrad", "global"): [0.003, 0.01, 0.03, 0.1],
+    ("savic", "adagrad", "global"): [0.0003, 0.001, 0.003, 0.01],
+    ("savic", "adagrad", "local"): [0.0003, 0.001, 0.003, 0.01],
     ("savic", "oasis", "global"): [0.01, 0.03, 0.1],
     ("savic", "oasis", "local"): [0.01, 0.03, 0.1],
 }

@@ -6,6 +6,7 @@ installed packages, so the default run works on any machine.
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 from functools import lru_cache
 
@@ -124,14 +125,18 @@ def load_partition(
         raise ValueError(f"partition-id {partition_id} is outside 0..{num_partitions - 1}")
     data = load_federated_data(dataset, seed, eval_split)
     try:
-        part = _partitioner(dataset, seed, eval_split, num_partitions, dirichlet_alpha).load_partition(partition_id)
+        with warnings.catch_warnings():
+            # flwr-datasets warns at every retry; the error below says it once.
+            warnings.simplefilter("ignore", UserWarning)
+            part = _partitioner(dataset, seed, eval_split, num_partitions, dirichlet_alpha).load_partition(partition_id)
     except ValueError as error:
         if "max number of attempts" not in str(error):
             raise
         raise ValueError(
             f"a Dirichlet split of {len(data.train)} examples into {num_partitions} clients "
             f"with dirichlet-alpha {dirichlet_alpha} cannot give every client "
-            f"{MIN_PARTITION_SIZE} examples; use fewer clients or a larger dirichlet-alpha"
+            f"{MIN_PARTITION_SIZE} examples; use fewer clients (at most {len(data.train) // MIN_PARTITION_SIZE}, "
+            f"fewer still at small alpha) or a larger dirichlet-alpha"
         ) from None
     indices = np.asarray(part["index"], dtype=np.int64)
     return Split(data.train.features[indices], data.train.labels[indices])

@@ -167,7 +167,7 @@ class Savic(FedAvg):
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
         """Sample clients, warm the preconditioner up if needed, send model and state."""
-        self._round = {"started": time.perf_counter(), "bytes_down": 0, "bytes_up": 0}
+        self._round = {"bytes_down": 0, "bytes_up": 0}
         self._sent_arrays = arrays
         if self.fraction_train == 0.0:
             return []
@@ -224,7 +224,8 @@ class Savic(FedAvg):
         self.history[server_round] = row
         metrics = metrics if metrics is not None else MetricRecord()
         for key, value in row.items():
-            metrics[key.replace("_", "-")] = value
+            if key != "train_loss":  # FedAvg's own average already holds it
+                metrics[key.replace("_", "-")] = value
         return arrays, metrics
 
     # -------------------------------------------------------------- helpers
@@ -269,15 +270,21 @@ class Savic(FedAvg):
     def _stats_layout(self):
         if self.precond_state is None:
             return None
-        return {k: (tuple(v.shape), str(v.dtype)) for k, v in self.precond_state.items()}
+        return describe(numpy_to_record(self.precond_state))
 
     def _weight(self, message: Message) -> float:
         metrics = next(iter(message.content.metric_records.values()))
         return float(metrics[self.weighted_by_key])
 
     def _screen(self, replies: list[Message], stats_layout, with_model: bool = True) -> list[Message]:
-        """The replies that may be aggregated; every rejection is logged with its node and reason."""
-        model_layout = describe(self._sent_arrays) if with_model and self._sent_arrays is not None else None
+        """The replies that may be aggregated; every rejection is logged with its node and reason.
+
+        Until the server holds a state, the first accepted statistic fixes the
+        layout (and the first accepted reply the metric names) for the rest.
+        """
+        parameter_layout = describe(self._sent_arrays) if self._sent_arrays is not None else {}
+        model_layout = parameter_layout if with_model else None
+        metric_keys = None
         accepted = []
         for message in replies:
             problem = reply_problem(
@@ -288,9 +295,14 @@ class Savic(FedAvg):
                 model_layout=model_layout,
                 rule=self.rule,
                 stats_layout=stats_layout,
+                parameter_layout=parameter_layout,
+                metric_keys=metric_keys,
             )
-            if problem is None:
-                accepted.append(message)
-            else:
+            if problem is not None:
                 log(WARNING, "Rejected reply from node %s: %s", message.metadata.src_node_id, problem)
+                continue
+            accepted.append(message)
+            metric_keys = set(next(iter(message.content.metric_records.values())).keys())
+            if stats_layout is None and self.rule.has_state:
+                stats_layout = describe(message.content[self.stats_key])
         return accepted

@@ -41,13 +41,18 @@ def reply_problem(
     model_layout: Mapping[str, tuple[tuple[int, ...], str]] | None,
     rule: ScalingRule,
     stats_layout: Mapping[str, tuple[tuple[int, ...], str]] | None,
+    parameter_layout: Mapping[str, tuple[tuple[int, ...], str]],
+    metric_keys: set[str] | None = None,
 ) -> str | None:
     """Why this reply must be rejected, or ``None`` when it is good.
 
     ``model_layout`` is ``None`` for warm-up replies, which carry no model.
-    ``stats_layout`` is ``None`` when the server does not know the statistic's
-    layout yet (first round with ``precond-init = "ones"``); it is then checked
-    for values only.
+    ``stats_layout`` is the exact layout the statistic (or state) must have;
+    while the server has no state yet it is ``None`` and the statistic must
+    then cover a non-empty subset of ``parameter_layout`` (the model's
+    arrays) with the same shapes and dtypes. ``metric_keys``, when given, is
+    the set of metric names every reply of the round must carry (FedAvg's
+    metric average needs the same keys everywhere).
     """
     if message.has_error():
         return f"client raised: {message.error.reason}"
@@ -58,6 +63,12 @@ def reply_problem(
     weight = metrics[0].get(weighted_by_key)
     if not isinstance(weight, int | float) or isinstance(weight, bool) or not np.isfinite(weight) or weight <= 0:
         return f"'{weighted_by_key}' is missing or not positive ({weight!r})"
+    if metric_keys is not None and set(metrics[0].keys()) != metric_keys:
+        return f"metric names {sorted(metrics[0].keys())} differ from the round's {sorted(metric_keys)}"
+    allowed = ({arrayrecord_key} if model_layout is not None else set()) | ({stats_key} if rule.has_state else set())
+    extra = set(content.array_records) - allowed
+    if extra:
+        return f"unexpected ArrayRecords {sorted(extra)}"
     if model_layout is not None:
         if arrayrecord_key not in content.array_records:
             return f"no '{arrayrecord_key}' ArrayRecord"
@@ -68,6 +79,11 @@ def reply_problem(
         if stats_key not in content.array_records:
             return f"no '{stats_key}' ArrayRecord (statistic or state)"
         record = content[stats_key]
-        layout = stats_layout if stats_layout is not None else describe(record)
+        layout = stats_layout
+        if layout is None:
+            unknown = sorted(set(record.keys()) - set(parameter_layout))
+            if unknown or not record.keys():
+                return f"{stats_key} keys {unknown or '[]'} are not arrays of the model"
+            layout = {key: parameter_layout[key] for key in record.keys()}
         return _arrays_problem(stats_key, record, layout, nonnegative=rule.nonnegative)
     return None

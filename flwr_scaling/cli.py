@@ -1,0 +1,165 @@
+"""``flwr-scaling``: run one configuration, or compare several on the same partition."""
+
+from __future__ import annotations
+
+import argparse
+import difflib
+import sys
+import time
+from dataclasses import fields, replace
+from pathlib import Path
+
+from .config import ConfigError, RunConfig
+from .rules import RULES
+from .training import MODES
+
+DEFAULT_COMPARE = ("fedavg", "savic-adam-global", "savic-adam-local", "savic-oasis-global")
+COMPARE_FIXED = {"strategy", "precond", "precond_mode", "lr", "out"}  # set per configuration
+
+HELP = {
+    "strategy": "fedavg (plain Local SGD) or savic (scaled Local SGD). Default: savic",
+    "precond": "scaling rule: identity, adagrad, rmsprop, adam, oasis. Default: adam (savic), identity (fedavg)",
+    "precond_mode": "global (D̂ fixed within a round) or local (clients adapt D̂ every step). Default: global",
+    "precond_beta": "moving-average factor of the state (rmsprop, adam, oasis), in [0, 1). Default: 0.99",
+    "precond_alpha": "lower clip of the diagonal, D̂ = max(alpha, D(v)). Default: 0.1 for oasis, 1e-3 otherwise",
+    "precond_init": "warmup (v0 = mean statistic at x0) or ones (v0 = 1). Default: warmup",
+    "precond_probes": "Hutchinson probes per step (oasis). Default: 1",
+    "warmup_batches": "batches per client for the warm-up statistic. Default: 4",
+    "adam_beta1": "first-moment factor of adam, in [0, 1). Default: 0.9",
+    "momentum": "heavy-ball momentum on g/D̂, in [0, 1). Default: 0 (the paper has none)",
+    "lr": "client step size γ. Default: tuned per method (README, Defaults)",
+    "server_lr": "server step size η (1 = FedAvg). Default: 1",
+    "local_epochs": "local epochs per round. Default: 1",
+    "batch_size": "client batch size. Default: 32",
+    "rounds": "number of rounds. Default: 30",
+    "num_clients": "number of clients (partitions). Default: 10",
+    "clients_per_round": "clients sampled per round. Default: all",
+    "dirichlet_alpha": "Dirichlet concentration of the label split (smaller = more heterogeneous). Default: 0.5",
+    "dataset": "digits, breast_cancer or wine (scikit-learn, offline). Default: digits",
+    "eval_split": "test, or validation (20%% of the training split; for choosing step sizes). Default: test",
+    "model": "cnn, mlp or logreg. Default: cnn for digits, logreg otherwise",
+    "seed": "seed of every random choice (split, partition, init, batches, probes, sampling). Default: 0",
+    "out": "output folder. Default: runs/<label>",
+}
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """argparse, but errors are one line on stderr with exit status 2."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        if message.startswith("unrecognized arguments:"):
+            bad = message.split(":", 1)[1].split()[0]
+            known = [o for a in self._actions for o in a.option_strings]
+            close = difflib.get_close_matches(bad.split("=")[0], known, n=1)
+            if close:
+                message += f"; did you mean {close[0]}?"
+        fail(message)
+
+
+def fail(message: str) -> None:
+    print(f"flwr-scaling: error: {message}", file=sys.stderr)
+    raise SystemExit(2)
+
+
+def _add_run_options(parser: argparse.ArgumentParser, skip: set[str] = frozenset()) -> None:
+    for field in fields(RunConfig):
+        if field.name in skip:
+            continue
+        # Every value is parsed by RunConfig, so that the command line, TOML
+        # files and Flower's run config give the same errors.
+        parser.add_argument(f"--{RunConfig.key(field.name)}", dest=field.name, default=None, help=HELP.get(field.name))
+
+
+def _given(args: argparse.Namespace, skip: set[str] = frozenset()) -> dict[str, str]:
+    return {
+        RunConfig.key(f.name): getattr(args, f.name)
+        for f in fields(RunConfig)
+        if f.name not in skip and getattr(args, f.name, None) is not None
+    }
+
+
+def parse_label(label: str) -> dict[str, str]:
+    """``fedavg`` or ``savic-<rule>-<mode>`` -> run options."""
+    if label == "fedavg":
+        return {"strategy": "fedavg"}
+    parts = label.split("-")
+    if len(parts) == 3 and parts[0] == "savic" and parts[1] in RULES and parts[2] in MODES:
+        return {"strategy": "savic", "precond": parts[1], "precond-mode": parts[2]}
+    examples = ", ".join(DEFAULT_COMPARE)
+    raise ConfigError(f"unknown configuration {label!r}; use fedavg or savic-<{'|'.join(RULES)}>-<global|local>, e.g. {examples}")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = OneLineParser(prog="flwr-scaling", description="Scaled Local SGD (SAVIC) on Flower's simulation engine.")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=OneLineParser)
+    run = sub.add_parser("run", help="run one configuration")
+    _add_run_options(run)
+    run.add_argument("--verbose", action="store_true", help="show Flower's and Ray's logs")
+    compare = sub.add_parser("compare", help="run several configurations on the same partition and seed")
+    compare.add_argument("--configs", default=",".join(DEFAULT_COMPARE),
+                         help=f"comma-separated: fedavg, savic-<rule>-<mode>. Default: {','.join(DEFAULT_COMPARE)}")
+    compare.add_argument("--out", default="runs/compare", help="output folder. Default: runs/compare")
+    compare.add_argument("--target-accuracy", default="0.9", help="accuracy whose first round is reported. Default: 0.9")
+    _add_run_options(compare, skip=COMPARE_FIXED)
+    compare.add_argument("--verbose", action="store_true", help="show Flower's and Ray's logs")
+    return parser
+
+
+def _run(args: argparse.Namespace) -> None:
+    from .simulation import preflight, simulate
+
+    cfg = RunConfig.from_mapping(_given(args)).resolved()
+    preflight(cfg)
+    start = time.perf_counter()
+    rows = simulate(cfg, verbose=args.verbose)
+    print(f"done in {time.perf_counter() - start:.1f} s: final test accuracy {rows[-1]['test_accuracy']:.3f}; "
+          f"results in {cfg.out}/ (config.json, metrics.csv)")
+
+
+def _compare(args: argparse.Namespace) -> None:
+    from .report import write_compare_report
+    from .simulation import preflight, simulate
+
+    try:
+        target = float(args.target_accuracy)
+    except ValueError:
+        raise ConfigError(f"target-accuracy must be a number, got {args.target_accuracy!r}") from None
+    if not 0 < target <= 1:
+        raise ConfigError(f"target-accuracy must be in (0, 1], got {target}")
+    labels = [label.strip() for label in args.configs.split(",") if label.strip()]
+    if not labels or len(set(labels)) != len(labels):
+        raise ConfigError(f"--configs needs distinct configuration names, got {args.configs!r}")
+    common = _given(args, skip=COMPARE_FIXED)
+    out = Path(args.out)
+    configs = {}
+    for label in labels:
+        cfg = RunConfig.from_mapping({**common, **parse_label(label)})
+        configs[label] = replace(cfg, out=str(out / label)).resolved()
+    for cfg in configs.values():  # every configuration is checked before the first one runs
+        preflight(cfg)
+    start = time.perf_counter()
+    runs = {}
+    for index, (label, cfg) in enumerate(configs.items(), start=1):
+        print(f"== [{index}/{len(configs)}] {label} (lr {cfg.lr:g}) ==", flush=True)
+        runs[label] = simulate(cfg, verbose=args.verbose)
+    first = next(iter(configs.values()))
+    title = (f"{first.dataset}, {first.model}, {first.num_clients} clients, Dirichlet {first.dirichlet_alpha:g}, "
+             f"{first.local_epochs} local epoch(s), seed {first.seed}")
+    write_compare_report(out, runs, {label: cfg.lr for label, cfg in configs.items()}, target, title)
+    print((out / "summary.md").read_text(encoding="utf-8"))
+    print(f"done in {time.perf_counter() - start:.1f} s; summary in {out}/summary.md, plot in {out}/accuracy.png")
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
+    try:
+        if args.command == "run":
+            _run(args)
+        else:
+            _compare(args)
+    except (ConfigError, ValueError, FileNotFoundError) as error:
+        fail(str(error).splitlines()[0] if str(error) else type(error).__name__)
+
+
+if __name__ == "__main__":
+    main()
