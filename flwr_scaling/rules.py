@@ -29,9 +29,11 @@ STAT_HUTCHINSON = "hutchinson"  # z ⊙ (∇²f(x) z), z Rademacher
 
 def _clip_min(array: Any, alpha: float) -> Any:
     """Element-wise ``max(alpha, array)`` for NumPy arrays and torch tensors."""
-    if isinstance(array, np.ndarray):
-        return np.maximum(array, np.asarray(alpha, dtype=array.dtype))
-    return array.clamp(min=alpha)
+    if hasattr(array, "clamp"):  # torch.Tensor
+        return array.clamp(min=alpha)
+    # NumPy: a 0-d array comes back from arithmetic as a NumPy scalar.
+    array = np.asarray(array)
+    return np.maximum(array, np.asarray(alpha, dtype=array.dtype))
 
 
 def _accumulate(state: Arrays, statistic: Arrays, beta: float) -> dict[str, Any]:

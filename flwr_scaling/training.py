@@ -96,10 +96,16 @@ def hutchinson_diagonal(
     """
     gradients, parameters = list(gradients), list(parameters)
     sums = [torch.zeros_like(p) for p in parameters]
+    # A gradient outside the graph (an unused parameter) has a zero Hessian block.
+    live = [i for i, g in enumerate(gradients) if g.requires_grad]
     for probe in range(num_probes):
         probes = [_rademacher(g, generator) for g in gradients]
         products = torch.autograd.grad(
-            gradients, parameters, grad_outputs=probes, retain_graph=probe < num_probes - 1, allow_unused=True
+            [gradients[i] for i in live],
+            parameters,
+            grad_outputs=[probes[i] for i in live],
+            retain_graph=probe < num_probes - 1,
+            allow_unused=True,
         )
         for acc, z, hz in zip(sums, probes, products, strict=True):
             if hz is not None:  # None: the gradient does not depend on this parameter
@@ -111,7 +117,9 @@ def _loss_and_gradients(
     model: nn.Module, params: list[torch.Tensor], x: torch.Tensor, y: torch.Tensor, create_graph: bool
 ) -> tuple[torch.Tensor, tuple[torch.Tensor, ...]]:
     loss = F.cross_entropy(model(x), y)
-    return loss, torch.autograd.grad(loss, params, create_graph=create_graph)
+    grads = torch.autograd.grad(loss, params, create_graph=create_graph, allow_unused=True)
+    # A parameter the forward pass does not use has gradient zero, not None.
+    return loss, tuple(torch.zeros_like(p) if g is None else g for p, g in zip(params, grads, strict=True))
 
 
 def _statistic(
@@ -148,12 +156,12 @@ def compute_statistic(
     batches = 0
     model.train()
     for x, y in loader:
-        if batches >= max_batches:
-            break
         _, grads = _loss_and_gradients(model, params, x, y, create_graph=rule.statistic == STAT_HUTCHINSON)
         for acc, value in zip(sums, _statistic(rule, params, grads, num_probes, generator), strict=True):
             acc.add_(value)
         batches += 1
+        if batches >= max_batches:
+            break
     if batches == 0:
         raise ValueError("the data loader yielded no batch: the client has no data")
     return {name: acc / batches for name, acc in zip(named, sums, strict=True)}, batches

@@ -206,15 +206,6 @@ def test_full_cycle_update_then_diagonal(backend):
     assert_near(diag["w"], [1.5811388, 2.1505813], backend)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason=(
-        "BUG: rules.diagonal fails on 0-d NumPy arrays (a scalar parameter on the server): "
-        "numpy ufuncs return a NumPy scalar (np.float32) for 0-d inputs, so D(v) = v**0.5, abs(v) "
-        "or v*0+1 is not an np.ndarray and _clip_min falls through to the torch branch "
-        "(`array.clamp`) -> AttributeError: 'numpy.float32' object has no attribute 'clamp'"
-    ),
-)
 @pytest.mark.parametrize("name", ["rmsprop", "oasis", "identity"])
 def test_diagonal_on_zero_dim_numpy_array(name):
     state = {"scale": np.asarray(np.float32(4.0))}

@@ -684,3 +684,38 @@ def test_train_state_missing_parameter():
     with pytest.raises(ValueError) as info:
         train_scaled(make_model(bias=B0), make_loader(1), TrainSettings(rule="rmsprop"), state_v())
     assert str(info.value) == "the preconditioner state lacks parameters ['bias']"
+
+
+class _WithUnusedParameter(torch.nn.Module):
+    """A model with a trainable parameter its forward pass never touches."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.linear = torch.nn.Linear(2, 2, bias=False)
+        self.unused = torch.nn.Parameter(torch.ones(3))
+
+    def forward(self, x):
+        return self.linear(x)
+
+
+@pytest.mark.parametrize("rule", ["rmsprop", "oasis"])
+def test_unused_parameter_gets_zero_statistic_and_no_step(rule):
+    model = _WithUnusedParameter()
+    batches = [(torch.tensor([[1.0, 2.0]]), torch.tensor([0]))]
+    settings = TrainSettings(rule=rule, mode="global", lr=0.1, alpha=0.1, local_epochs=1)
+    result = train_scaled(model, batches, settings, state=None, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(model.unused.detach(), torch.ones(3))
+    assert torch.equal(result.statistic["unused"], torch.zeros(3))
+
+
+def test_warmup_reads_no_more_batches_than_it_uses():
+    model = torch.nn.Linear(2, 2)
+    pulled = []
+
+    def batches():
+        for i in range(5):
+            pulled.append(i)
+            yield torch.tensor([[1.0, float(i)]]), torch.tensor([i % 2])
+
+    compute_statistic(model, batches(), "rmsprop", max_batches=2)
+    assert pulled == [0, 1]
