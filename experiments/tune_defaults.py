@@ -25,7 +25,7 @@ GRID = {
     ("savic", "rmsprop", "global"): [0.001, 0.003, 0.01, 0.03],
     ("savic", "rmsprop", "local"): [0.001, 0.003, 0.01, 0.03],
     ("savic", "adagrad", "global"): [0.0003, 0.001, 0.003, 0.01],
-    ("savic", "adagrad", "local"): [0.0003, 0.001, 0.003, 0.01],
+    ("savic", "adagrad", "local"): [0.001, 0.003, 0.01, 0.03],
     ("savic", "oasis", "global"): [0.01, 0.03, 0.1],
     ("savic", "oasis", "local"): [0.01, 0.03, 0.1],
 }

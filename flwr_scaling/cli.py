@@ -40,6 +40,7 @@ HELP = {
     "model": "cnn, mlp or logreg. Default: cnn for digits, logreg otherwise",
     "seed": "seed of every random choice (split, partition, init, batches, probes, sampling). Default: 0",
     "out": "output folder. Default: runs/<label>",
+    "wait_for_nodes_s": "how long the server waits for num-clients nodes before it gives up. Default: 60",
 }
 
 

@@ -30,7 +30,7 @@ DEFAULT_LR = {
     ("identity", "global"): 0.4,
     ("identity", "local"): 0.4,
     ("adagrad", "global"): 0.003,
-    ("adagrad", "local"): 0.003,
+    ("adagrad", "local"): 0.01,
     ("rmsprop", "global"): 0.003,
     ("rmsprop", "local"): 0.01,
     ("adam", "global"): 0.003,
@@ -72,6 +72,7 @@ class RunConfig:
     model: str | None = None
     seed: int = 0
     out: str = ""
+    wait_for_nodes_s: float = 60.0
 
     # ------------------------------------------------------------------ keys
     @staticmethod
@@ -162,6 +163,7 @@ class RunConfig:
                     f"clients-per-round ({self.clients_per_round}) cannot exceed num-clients ({self.num_clients})"
                 )
         _at_least("seed", self.seed, 0)
+        _positive("wait-for-nodes-s", self.wait_for_nodes_s)
 
 
 def _suggest(word: str, choices) -> str:

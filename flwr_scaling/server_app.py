@@ -7,11 +7,13 @@ binds a configuration directly (the ``flwr-scaling`` driver).
 
 from __future__ import annotations
 
+import time
+
 from flwr.app import ConfigRecord, Context, MetricRecord
 from flwr.serverapp import Grid, ServerApp
 
 from .arrays import numpy_to_record, numpy_to_torch, record_to_numpy, torch_to_numpy
-from .config import RunConfig
+from .config import ConfigError, RunConfig
 from .data import load_federated_data
 from .recorder import RunRecorder
 from .seeding import derived_seed, initial_model
@@ -36,9 +38,23 @@ def make_strategy(cfg: RunConfig) -> Savic:
     )
 
 
+def wait_for_nodes(grid: Grid, needed: int, timeout_s: float) -> None:
+    """Wait until ``needed`` nodes are connected; fail with one actionable line after ``timeout_s``."""
+    deadline = time.monotonic() + timeout_s
+    while (connected := len(list(grid.get_node_ids()))) < needed:
+        if time.monotonic() > deadline:
+            raise ConfigError(
+                f"only {connected} nodes connected after {timeout_s:g} s but num-clients is {needed}: start more "
+                f"SuperNodes, or with `flwr run` pass --federation-config \"num-supernodes={needed}\" "
+                f"or -c \"num-clients={connected}\""
+            )
+        time.sleep(0.5)
+
+
 def run_server(grid: Grid, config: RunConfig) -> Savic:
     """Run every round of ``config`` on ``grid``; return the strategy (its state and history)."""
     cfg = config.resolved()
+    wait_for_nodes(grid, cfg.num_clients, cfg.wait_for_nodes_s)
     data = load_federated_data(cfg.dataset, cfg.seed, cfg.eval_split)
     model = initial_model(cfg.model, data.input_shape, data.num_classes, cfg.seed)
     test_x, test_y = data.test.tensors()

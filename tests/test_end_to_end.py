@@ -1,0 +1,101 @@
+"""End to end on Flower's simulation engine (Ray): the CLI and `flwr run .`.
+
+Each test starts Ray (about 10 s), so there are few of them; the logic is
+tested in-process elsewhere.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+REQUIRED_COLUMNS = [
+    "round", "test_loss", "test_accuracy", "train_loss", "bytes_down", "bytes_up",
+    "wall_s", "precond_min", "precond_max",
+]
+
+
+def read_rows(path: Path) -> list[dict[str, str]]:
+    with open(path, newline="") as handle:
+        return list(csv.DictReader(handle))
+
+
+def test_run_three_clients_two_rounds(tmp_path):
+    out = tmp_path / "run"
+    proc = subprocess.run(
+        [str(BIN / "flwr-scaling"), "run", "--num-clients", "3", "--rounds", "2", "--precond", "adam",
+         "--out", str(out)],
+        capture_output=True, text=True, timeout=300, cwd=tmp_path,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = read_rows(out / "metrics.csv")
+    assert [r["round"] for r in rows] == ["1", "2"]
+    assert list(rows[0])[: len(REQUIRED_COLUMNS)] == REQUIRED_COLUMNS
+    for row in rows:
+        assert 0.0 <= float(row["test_accuracy"]) <= 1.0
+        assert float(row["precond_min"]) >= 1e-3  # D̂ >= alpha
+        assert float(row["precond_max"]) >= float(row["precond_min"])
+        assert row["clients_ok"] == "3" and row["clients_failed"] == "0"
+    # Round 1 also carries the warm-up (model down, statistic up), so it costs more than round 2;
+    # round 2 sends model + state down and model + statistic up to 3 clients: 4 equal payloads each.
+    assert int(rows[0]["bytes_down"]) > int(rows[1]["bytes_down"]) == int(rows[1]["bytes_up"])
+    assert float(rows[1]["test_accuracy"]) > 0.3  # two rounds on digits already learn something
+    config = json.loads((out / "config.json").read_text())
+    assert config["precond"] == "adam" and config["lr"] == 0.003 and config["num-clients"] == 3
+    assert config["precond-alpha"] == 1e-3 and config["model"] == "cnn"
+    # one progress line per round (and one for the initial model)
+    progress = [line for line in proc.stdout.splitlines() if line.startswith("[savic-adam-global] round")]
+    assert len(progress) == 3 and "round 2/2" in progress[-1]
+
+
+def _kill_processes_with_env(marker: str) -> None:
+    """Stop every process whose environment holds ``marker`` (the detached local SuperLink)."""
+    for proc_dir in Path("/proc").iterdir():
+        if not proc_dir.name.isdigit() or int(proc_dir.name) == os.getpid():
+            continue
+        try:
+            if marker.encode() in (proc_dir / "environ").read_bytes():
+                os.kill(int(proc_dir.name), signal.SIGTERM)
+        except (OSError, PermissionError):
+            continue
+
+
+def test_flwr_run_dot(tmp_path):
+    home = tmp_path / "flwr-home"
+    home.mkdir()
+    # Ray's socket paths must stay under 107 bytes: pytest's tmp_path is too deep.
+    ray_tmp = Path(tempfile.mkdtemp(prefix="ray", dir="/tmp"))
+    out = tmp_path / "flwr-out"
+    env = {
+        **os.environ,
+        "FLWR_HOME": str(home),
+        "RAY_TMPDIR": str(ray_tmp),
+        "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
+        "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}",
+    }
+    try:
+        proc = subprocess.run(
+            [str(BIN / "flwr"), "run", ".", "--stream", "--federation-config", "num-supernodes=3",
+             "-c", f"rounds=2 num-clients=3 precond='rmsprop' out='{out}'"],
+            capture_output=True, text=True, timeout=400, cwd=ROOT, env=env,
+        )
+    finally:
+        _kill_processes_with_env(f"FLWR_HOME={home}")
+        shutil.rmtree(ray_tmp, ignore_errors=True)
+    log = (proc.stdout + proc.stderr)[-4000:]
+    assert proc.returncode == 0, log
+    assert (out / "metrics.csv").exists(), log
+    rows = read_rows(out / "metrics.csv")
+    assert [r["round"] for r in rows] == ["1", "2"]
+    assert json.loads((out / "config.json").read_text())["precond"] == "rmsprop"
