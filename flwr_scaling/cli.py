@@ -9,7 +9,7 @@ import time
 from dataclasses import fields, replace
 from pathlib import Path
 
-from .config import ConfigError, RunConfig
+from .config import ConfigError, RunConfig, load_toml
 from .rules import RULES
 from .training import MODES
 
@@ -41,6 +41,8 @@ HELP = {
     "seed": "seed of every random choice (split, partition, init, batches, probes, sampling). Default: 0",
     "out": "output folder. Default: runs/<label>",
     "wait_for_nodes_s": "how long the server waits for num-clients nodes before it gives up. Default: 60",
+    "min_successful_clients": "a round with fewer accepted replies changes nothing and is recorded as failed. Default: 1",
+    "checkpoint_every": "write a checkpoint every K rounds (0: never). Default: 1",
 }
 
 
@@ -71,12 +73,20 @@ def _add_run_options(parser: argparse.ArgumentParser, skip: set[str] = frozenset
         parser.add_argument(f"--{RunConfig.key(field.name)}", dest=field.name, default=None, help=HELP.get(field.name))
 
 
-def _given(args: argparse.Namespace, skip: set[str] = frozenset()) -> dict[str, str]:
-    return {
-        RunConfig.key(f.name): getattr(args, f.name)
-        for f in fields(RunConfig)
-        if f.name not in skip and getattr(args, f.name, None) is not None
-    }
+def _given(args: argparse.Namespace, skip: set[str] = frozenset()) -> dict[str, object]:
+    """Options from ``--config FILE.toml``, overridden by those on the command line."""
+    values: dict[str, object] = load_toml(args.config) if getattr(args, "config", None) else {}
+    for name in skip:
+        if RunConfig.key(name) in values:
+            raise ConfigError(f"option {RunConfig.key(name)!r} in {args.config} is set per configuration here; remove it")
+    values.update(
+        {
+            RunConfig.key(f.name): getattr(args, f.name)
+            for f in fields(RunConfig)
+            if f.name not in skip and getattr(args, f.name, None) is not None
+        }
+    )
+    return values
 
 
 def parse_label(label: str) -> dict[str, str]:
@@ -94,6 +104,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser = OneLineParser(prog="flwr-scaling", description="Scaled Local SGD (SAVIC) on Flower's simulation engine.")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=OneLineParser)
     run = sub.add_parser("run", help="run one configuration")
+    run.add_argument("--config", help="TOML file of options (kebab-case keys); command-line options override it")
+    run.add_argument("--resume", metavar="DIR", help="continue the run in DIR from its last checkpoint")
     _add_run_options(run)
     run.add_argument("--verbose", action="store_true", help="show Flower's and Ray's logs")
     compare = sub.add_parser("compare", help="run several configurations on the same partition and seed")
@@ -101,18 +113,47 @@ def build_parser() -> argparse.ArgumentParser:
                          help=f"comma-separated: fedavg, savic-<rule>-<mode>. Default: {','.join(DEFAULT_COMPARE)}")
     compare.add_argument("--out", default="runs/compare", help="output folder. Default: runs/compare")
     compare.add_argument("--target-accuracy", default="0.9", help="accuracy whose first round is reported. Default: 0.9")
+    compare.add_argument("--config", help="TOML file of the common options; command-line options override it")
     _add_run_options(compare, skip=COMPARE_FIXED)
     compare.add_argument("--verbose", action="store_true", help="show Flower's and Ray's logs")
     return parser
 
 
+def _resumed_config(args: argparse.Namespace):
+    """The checkpoint's configuration; any option given that differs from it is refused."""
+    from .checkpoint import load_checkpoint
+
+    checkpoint = load_checkpoint(args.resume)
+    saved = RunConfig.from_mapping(checkpoint.config)
+    given = _given(args)
+    if Path(str(given.pop("out", args.resume))).resolve() != Path(args.resume).resolve():
+        raise ConfigError("--out and --resume name different folders; a run resumes in its own folder")
+    for key, value in given.items():
+        field = key.replace("-", "_")
+        asked, kept = getattr(RunConfig.from_mapping({key: value}), field), getattr(saved, field)
+        if asked != kept:
+            raise ConfigError(
+                f"--{key} {value} differs from the checkpoint's {key} = {kept}; a resumed run keeps its "
+                f"configuration (start a new run in another folder instead)"
+            )
+    return replace(saved, out=args.resume).resolved(), checkpoint
+
+
 def _run(args: argparse.Namespace) -> None:
     from .simulation import preflight, simulate
 
-    cfg = RunConfig.from_mapping(_given(args)).resolved()
+    checkpoint = None
+    if args.resume:
+        cfg, checkpoint = _resumed_config(args)
+        if checkpoint.round >= cfg.rounds:
+            print(f"{args.resume}: all {cfg.rounds} rounds are done already; nothing to resume")
+            return
+        print(f"resuming {args.resume} after round {checkpoint.round} of {cfg.rounds}")
+    else:
+        cfg = RunConfig.from_mapping(_given(args)).resolved()
     preflight(cfg)
     start = time.perf_counter()
-    rows = simulate(cfg, verbose=args.verbose)
+    rows = simulate(cfg, verbose=args.verbose, resume=checkpoint)
     print(f"done in {time.perf_counter() - start:.1f} s: final test accuracy {rows[-1]['test_accuracy']:.3f}; "
           f"results in {cfg.out}/ (config.json, metrics.csv)")
 

@@ -73,6 +73,8 @@ class RunConfig:
     seed: int = 0
     out: str = ""
     wait_for_nodes_s: float = 60.0
+    min_successful_clients: int = 1
+    checkpoint_every: int = 1
 
     # ------------------------------------------------------------------ keys
     @staticmethod
@@ -164,6 +166,34 @@ class RunConfig:
                 )
         _at_least("seed", self.seed, 0)
         _positive("wait-for-nodes-s", self.wait_for_nodes_s)
+        _at_least("min-successful-clients", self.min_successful_clients, 1)
+        if self.min_successful_clients > (self.clients_per_round or self.num_clients):
+            raise ConfigError(
+                f"min-successful-clients ({self.min_successful_clients}) cannot exceed the clients per round "
+                f"({self.clients_per_round or self.num_clients}): no round could succeed"
+            )
+        _at_least("checkpoint-every", self.checkpoint_every, 0)
+
+
+def load_toml(path: str) -> dict[str, Any]:
+    """Options from a TOML file (kebab-case keys, as on the command line), with one-line errors."""
+    import tomllib
+    from pathlib import Path
+
+    file = Path(path)
+    if not file.is_file():
+        raise ConfigError(f"config file {path!r} does not exist or is not a file")
+    try:
+        with open(file, "rb") as handle:
+            values = tomllib.load(handle)
+    except tomllib.TOMLDecodeError as error:
+        raise ConfigError(f"config file {path!r} is not valid TOML: {error}") from None
+    except OSError as error:
+        raise ConfigError(f"config file {path!r} cannot be read: {error.strerror}") from None
+    nested = [key for key, value in values.items() if isinstance(value, dict)]
+    if nested:
+        raise ConfigError(f"config file {path!r}: options must be top-level keys, found table [{nested[0]}]")
+    return values
 
 
 def _suggest(word: str, choices) -> str:

@@ -53,21 +53,24 @@ class RunRecorder:
         write_atomic(self.out_dir / "config.json", json.dumps(config, indent=2, sort_keys=True) + "\n")
         self._last = time.perf_counter()
 
-    def initial(self, test_loss: float, test_accuracy: float) -> None:
+    def initial(self, done: int, test_loss: float, test_accuracy: float) -> None:
+        """The model before the first round to run (round 0, or the checkpoint's)."""
         self._last = time.perf_counter()
-        print(f"[{self.label}] round 0/{self.rounds}  test_acc {test_accuracy:.3f}  test_loss {test_loss:.3f}",
+        resumed = " (resumed from checkpoint)" if done else ""
+        print(f"[{self.label}] round {done}/{self.rounds}  test_acc {test_accuracy:.3f}  test_loss {test_loss:.3f}{resumed}",
               file=self.stream, flush=True)
+
+    def restore(self, rows: list[dict[str, Any]]) -> None:
+        """Continue after the rows of a checkpoint; metrics.csv is rewritten with exactly those."""
+        self.rows = [dict(row) for row in rows]
+        self._write()
 
     def add(self, row: dict[str, Any]) -> None:
         now = time.perf_counter()
         row = {**row, "wall_s": round(now - self._last, 4)}
         self._last = now
         self.rows.append({k: row.get(k, "") for k in COLUMNS})
-        buffer = io.StringIO()
-        writer = csv.DictWriter(buffer, fieldnames=COLUMNS, lineterminator="\n")
-        writer.writeheader()
-        writer.writerows(self.rows)
-        write_atomic(self.out_dir / "metrics.csv", buffer.getvalue())
+        self._write()
         megabytes = (row["bytes_down"] + row["bytes_up"]) / 1e6
         failed = f"  {row['clients_failed']} clients rejected" if row.get("clients_failed") else ""
         print(
@@ -77,3 +80,10 @@ class RunRecorder:
             file=self.stream,
             flush=True,
         )
+
+    def _write(self) -> None:
+        buffer = io.StringIO()
+        writer = csv.DictWriter(buffer, fieldnames=COLUMNS, lineterminator="\n")
+        writer.writeheader()
+        writer.writerows(self.rows)
+        write_atomic(self.out_dir / "metrics.csv", buffer.getvalue())

@@ -9,9 +9,10 @@ from __future__ import annotations
 
 import time
 
-from flwr.app import ConfigRecord, Context, MetricRecord
+from flwr.app import ConfigRecord, Context, Message, MessageType, MetricRecord, RecordDict
 from flwr.serverapp import Grid, ServerApp
 
+from .checkpoint import Checkpoint, save_checkpoint
 from .arrays import numpy_to_record, numpy_to_torch, record_to_numpy, torch_to_numpy
 from .config import ConfigError, RunConfig
 from .data import load_federated_data
@@ -19,6 +20,9 @@ from .recorder import RunRecorder
 from .seeding import derived_seed, initial_model
 from .strategies import Savic
 from .training import evaluate
+
+
+NODE_INFO_MESSAGE_TYPE = f"{MessageType.QUERY}.node_info"
 
 
 def make_strategy(cfg: RunConfig) -> Savic:
@@ -30,6 +34,7 @@ def make_strategy(cfg: RunConfig) -> Savic:
         precond_alpha=cfg.precond_alpha,
         precond_init=cfg.precond_init,
         server_lr=cfg.server_lr,
+        min_successful_clients=cfg.min_successful_clients,
         sampling_seed=derived_seed(cfg.seed, 0x5A),
         fraction_train=cfg.clients_per_round / cfg.num_clients,
         fraction_evaluate=0.0,
@@ -51,44 +56,83 @@ def wait_for_nodes(grid: Grid, needed: int, timeout_s: float) -> None:
         time.sleep(0.5)
 
 
-def run_server(grid: Grid, config: RunConfig) -> Savic:
-    """Run every round of ``config`` on ``grid``; return the strategy (its state and history)."""
+def describe_nodes(grid: Grid, config: dict, timeout_s: float) -> dict[int, int]:
+    """Ask every node for its partition id, so that nodes are ranked the same in every run."""
+    nodes = sorted(grid.get_node_ids())
+    content = RecordDict({"config": ConfigRecord(config)})
+    queries = [Message(content=content, message_type=NODE_INFO_MESSAGE_TYPE, dst_node_id=node) for node in nodes]
+    order = {}
+    for reply in grid.send_and_receive(messages=queries, timeout=timeout_s):
+        if not reply.has_error() and "metrics" in reply.content.metric_records:
+            partition = reply.content["metrics"].get("partition-id")
+            if isinstance(partition, int):
+                order[reply.metadata.src_node_id] = partition
+    return order
+
+
+def run_server(grid: Grid, config: RunConfig, resume: Checkpoint | None = None) -> Savic:
+    """Run every round of ``config`` on ``grid`` (from ``resume`` on, if given).
+
+    Returns the strategy (its preconditioner state and per-round history).
+    """
     cfg = config.resolved()
+    flower_config = cfg.to_flower()
     wait_for_nodes(grid, cfg.num_clients, cfg.wait_for_nodes_s)
     data = load_federated_data(cfg.dataset, cfg.seed, cfg.eval_split)
     model = initial_model(cfg.model, data.input_shape, data.num_classes, cfg.seed)
     test_x, test_y = data.test.tensors()
     strategy = make_strategy(cfg)
-    recorder = RunRecorder(cfg.out, cfg.to_flower(), cfg.label())
+    strategy.node_order = describe_nodes(grid, flower_config, cfg.wait_for_nodes_s)
+    recorder = RunRecorder(cfg.out, flower_config, cfg.label())
+    done = 0
+    initial = torch_to_numpy(model.state_dict())
+    if resume is not None:
+        done = resume.round
+        initial = resume.model
+        strategy.precond_state = resume.precond_state
+        strategy.sampler_state = resume.sampler_state
+        strategy.round_offset = done
+        recorder.restore(resume.rows)
 
     def evaluate_fn(server_round: int, arrays) -> MetricRecord:
-        model.load_state_dict(numpy_to_torch(record_to_numpy(arrays)))
+        current = record_to_numpy(arrays)
+        model.load_state_dict(numpy_to_torch(current))
         test_loss, test_accuracy = evaluate(model, test_x, test_y)
+        true_round = server_round + done
         if server_round == 0:
-            recorder.initial(test_loss, test_accuracy)
+            recorder.initial(true_round, test_loss, test_accuracy)
         else:
-            history = strategy.history[server_round]
-            recorder.add({"round": server_round, "test_loss": test_loss, "test_accuracy": test_accuracy,
-                          "train_loss": history.get("train_loss", float("nan")), **history})
+            history = strategy.history[true_round]
+            recorder.add({"round": true_round, "test_loss": test_loss, "test_accuracy": test_accuracy, **history})
+            every = cfg.checkpoint_every
+            if every and (true_round % every == 0 or true_round == cfg.rounds):
+                save_checkpoint(
+                    cfg.out,
+                    Checkpoint(true_round, flower_config, current, strategy.precond_state,
+                               strategy.sampler_state, recorder.rows),
+                )
         return MetricRecord({"test_loss": test_loss, "test_accuracy": test_accuracy})
 
-    strategy.start(
-        grid=grid,
-        initial_arrays=numpy_to_record(torch_to_numpy(model.state_dict())),
-        num_rounds=cfg.rounds,
-        train_config=ConfigRecord(cfg.to_flower()),
-        evaluate_fn=evaluate_fn,
-    )
+    if cfg.rounds > done:
+        strategy.start(
+            grid=grid,
+            initial_arrays=numpy_to_record(initial),
+            num_rounds=cfg.rounds - done,
+            train_config=ConfigRecord(flower_config),
+            evaluate_fn=evaluate_fn,
+        )
     return strategy
 
 
-def make_server_app(config: RunConfig | None = None) -> ServerApp:
-    """A ServerApp bound to ``config``, or reading Flower's run config when ``None``."""
+def make_server_app(config: RunConfig | None = None, resume: Checkpoint | None = None) -> ServerApp:
+    """A ServerApp bound to ``config`` (and a checkpoint to resume from), or reading
+    Flower's run config when ``config`` is ``None``."""
     server_app = ServerApp()
 
     @server_app.main()
     def main(grid: Grid, context: Context) -> None:
-        run_server(grid, config if config is not None else RunConfig.from_mapping(dict(context.run_config)))
+        cfg = config if config is not None else RunConfig.from_mapping(dict(context.run_config))
+        run_server(grid, cfg, resume)
 
     return server_app
 

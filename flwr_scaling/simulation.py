@@ -7,11 +7,12 @@ import os
 import shutil
 from pathlib import Path
 
+from .checkpoint import Checkpoint
 from .config import RunConfig
 from .data import load_federated_data
 from .recorder import read_metrics
 
-OUTPUT_FILES = ("config.json", "metrics.csv")
+OUTPUT_FILES = ("config.json", "metrics.csv", "checkpoint.npz")
 
 
 def preflight(cfg: RunConfig) -> None:
@@ -29,22 +30,30 @@ def _quiet_flower(verbose: bool) -> None:
     logging.getLogger("flwr").setLevel(level)
 
 
-def simulate(config: RunConfig, *, verbose: bool = False) -> list[dict[str, float]]:
+def simulate(
+    config: RunConfig, *, verbose: bool = False, client_app=None, resume: Checkpoint | None = None
+) -> list[dict[str, float]]:
     """Run one configuration end to end; return its ``metrics.csv`` rows.
 
     Writes ``OUT/config.json`` and ``OUT/metrics.csv`` (complete after every
-    round). A previous run's files in ``OUT`` are replaced.
+    round). A previous run's files in ``OUT`` are replaced. ``client_app``
+    replaces this project's ClientApp (tests wrap it to inject faults).
+    With ``resume``, the run continues after the checkpoint's last round and
+    keeps the folder's files.
     """
     from flwr.simulation import run_simulation
 
-    from .clients import app as client_app
+    from .clients import app as default_client_app
+
+    client_app = client_app or default_client_app
     from .server_app import make_server_app
 
     cfg = config.resolved()
     preflight(cfg)
     out = Path(cfg.out)
-    for name in OUTPUT_FILES:
-        (out / name).unlink(missing_ok=True)
+    if resume is None:
+        for name in OUTPUT_FILES:
+            (out / name).unlink(missing_ok=True)
     _quiet_flower(verbose)
     # One thread per client actor: two actors on two cores beat two actors
     # fighting over four threads, and tiny models gain nothing from more.
@@ -58,7 +67,7 @@ def simulate(config: RunConfig, *, verbose: bool = False) -> list[dict[str, floa
     # Ray's workers inherit this process's environment.
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     run_simulation(
-        server_app=make_server_app(cfg),
+        server_app=make_server_app(cfg, resume),
         client_app=client_app,
         num_supernodes=cfg.num_clients,
         backend_config=backend_config,

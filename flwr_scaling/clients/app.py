@@ -73,6 +73,14 @@ def precond_stats(message: Message, context: Context) -> Message:
     return Message(content=reply, reply_to=message)
 
 
+@app.query("node_info")
+def node_info(message: Message, context: Context) -> Message:
+    """This node's partition id: lets the server order nodes the same way in every run."""
+    cfg = _config(message)
+    metrics = MetricRecord({"partition-id": _partition_id(context, cfg)})
+    return Message(content=RecordDict({"metrics": metrics}), reply_to=message)
+
+
 @app.evaluate()
 def evaluate(message: Message, context: Context) -> Message:
     """Loss and accuracy of the global model on this node's partition."""

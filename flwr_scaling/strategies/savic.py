@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import random
 import time
 from collections.abc import Callable, Iterable
@@ -144,6 +145,12 @@ class Savic(FedAvg):
         self.precond_state: dict[str, np.ndarray] | None = None
         self.history: dict[int, dict[str, float]] = {}
         self._sampler = random.Random(sampling_seed)
+        # Rounds already done before this start() (a resumed run): Flower's
+        # start() always counts from 1, clients and history see the true round.
+        self.round_offset = 0
+        # Optional stable rank of each node (e.g. its partition id): sampling
+        # and the order of summation then do not depend on random node ids.
+        self.node_order: dict[int, int] = {}
         self._timeout = 3600.0
         self._round: dict[str, float] = {}
         self._sent_arrays: ArrayRecord | None = None
@@ -172,7 +179,7 @@ class Savic(FedAvg):
         if self.fraction_train == 0.0:
             return []
         node_ids = self._sample_nodes(grid, self.fraction_train, self.min_train_nodes)
-        config["server-round"] = server_round
+        config["server-round"] = server_round + self.round_offset
         if self.rule.has_state and self.precond_state is None and self.precond_init == "warmup":
             self._warm_up(node_ids, arrays, config, grid)
         record = RecordDict({self.arrayrecord_key: arrays, self.configrecord_key: config})
@@ -188,9 +195,11 @@ class Savic(FedAvg):
         self, server_round: int, replies: Iterable[Message]
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         """Screen replies, average models (FedAvg) and update the preconditioner."""
+        server_round += self.round_offset
         replies = list(replies)
         self._round["bytes_up"] += sum(content_bytes(m.content) for m in replies if not m.has_error())
-        accepted = self._screen(replies, stats_layout=self._stats_layout())
+        # A fixed order of summation makes the float averages identical from run to run.
+        accepted = sorted(self._screen(replies, stats_layout=self._stats_layout()), key=self._reply_order)
         failed = len(replies) - len(accepted)
         arrays, metrics = None, None
         if len(accepted) >= max(1, self.min_successful_clients):
@@ -229,6 +238,15 @@ class Savic(FedAvg):
         return arrays, metrics
 
     # -------------------------------------------------------------- helpers
+    @property
+    def sampler_state(self):
+        """The client sampler's random state (for checkpoints)."""
+        return self._sampler.getstate()
+
+    @sampler_state.setter
+    def sampler_state(self, state) -> None:
+        self._sampler.setstate(state)
+
     def precond_bounds(self) -> tuple[float, float]:
         """``(min D̂, max D̂)`` of the current state; its ratio is the paper's Γ/α multiplier."""
         if not self.rule.has_state:
@@ -241,7 +259,7 @@ class Savic(FedAvg):
     def _sample_nodes(self, grid: Grid, fraction: float, minimum: int) -> list[int]:
         """Like Flower's sampler, but seeded and independent of node-id order."""
         while True:
-            nodes = sorted(grid.get_node_ids())
+            nodes = sorted(grid.get_node_ids(), key=lambda node: (self.node_order.get(node, float("inf")), node))
             sample_size = max(int(len(nodes) * fraction), minimum)
             if len(nodes) >= max(self.min_available_nodes, sample_size):
                 break
@@ -263,6 +281,7 @@ class Savic(FedAvg):
         if not accepted:
             log(WARNING, "Warm-up: no usable statistic; starting from v = 1 (precond-init 'ones')")
             return
+        accepted.sort(key=self._reply_order)
         stats = [record_to_numpy(m.content[self.stats_key]) for m in accepted]
         self.precond_state = warmup_state(stats, [self._weight(m) for m in accepted])
         log(INFO, "Warm-up: v⁰ from %d clients; D̂ in [%.3g, %.3g]", len(accepted), *self.precond_bounds())
@@ -271,6 +290,17 @@ class Savic(FedAvg):
         if self.precond_state is None:
             return None
         return describe(numpy_to_record(self.precond_state))
+
+    def _reply_order(self, message: Message) -> tuple:
+        """Node rank when known, else a digest of the reply's leading bytes: stable across runs."""
+        node = message.metadata.src_node_id
+        if node in self.node_order:
+            return (0, self.node_order[node], b"")
+        digest = hashlib.blake2b(digest_size=16)
+        for record in message.content.array_records.values():
+            for array in record.values():
+                digest.update(array.data[:4096])
+        return (1, 0, digest.digest())
 
     def _weight(self, message: Message) -> float:
         metrics = next(iter(message.content.metric_records.values()))
