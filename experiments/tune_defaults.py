@@ -47,7 +47,7 @@ def main() -> None:
                     strategy=strategy, precond=precond, precond_mode=mode, lr=lr, seed=seed,
                     rounds=args.rounds, eval_split="validation",
                 )
-                accs = [row.test_accuracy for row in run_serial(cfg)]
+                accs = [row.test_accuracy for row in run_serial(cfg)[0]]
                 means.append(statistics.fmean(accs))
                 finals.append(accs[-1])
             scores[lr] = (statistics.fmean(means), statistics.fmean(finals))

@@ -14,13 +14,22 @@ from collections.abc import Mapping
 from dataclasses import asdict, dataclass, fields, replace
 from typing import Any
 
-from .data import DATASETS, EVAL_SPLITS
+from .data import DATASETS, EVAL_SPLITS, MIN_PARTITION_SIZE, TEST_FRACTION
 from .models import MODELS
 from .rules import RULES
 from .training import MODES
 
 STRATEGIES = ("fedavg", "savic")
 INITS = ("warmup", "ones")
+
+# Examples in the bundled scikit-learn datasets (fixed; tests/test_config.py
+# checks them against data.py). They bound num-clients before any data is
+# loaded: every client needs MIN_PARTITION_SIZE training examples.
+DATASET_SIZES = {"digits": 1797, "breast_cancer": 569, "wine": 178}
+# Integers travel in Flower ConfigRecords as sint64; seeds go to scikit-learn,
+# which takes 0 .. 2**32 - 1.
+INT_MAX = 2**63 - 1
+SEED_MAX = 2**32 - 1
 
 # Step sizes chosen on a validation split of the default problem (digits, CNN,
 # 10 clients, Dirichlet 0.5, 1 local epoch, batch 32, 30 rounds) by
@@ -30,7 +39,7 @@ DEFAULT_LR = {
     ("identity", "global"): 0.4,
     ("identity", "local"): 0.4,
     ("adagrad", "global"): 0.003,
-    ("adagrad", "local"): 0.01,
+    ("adagrad", "local"): 0.03,
     ("rmsprop", "global"): 0.003,
     ("rmsprop", "local"): 0.01,
     ("adam", "global"): 0.003,
@@ -100,7 +109,7 @@ class RunConfig:
         kwargs: dict[str, Any] = {}
         for key, value in values.items():
             if key not in known:
-                raise ConfigError(f"unknown option {key!r}{_suggest(key, known)}")
+                raise ConfigError(f"unknown option {key!r}{_suggest(str(key), known)}")
             kwargs[known[key].name] = _coerce(key, value, known[key].type)
         return cls(**kwargs)
 
@@ -132,6 +141,8 @@ class RunConfig:
     # ------------------------------------------------------------ validation
     def validate(self) -> None:
         """Raise ConfigError (one line) on the first bad option."""
+        for field in fields(self):
+            _check_type(self.key(field.name), getattr(self, field.name), str(field.type))
         _choice("strategy", self.strategy, STRATEGIES)
         if self.precond is not None:
             _choice("precond", self.precond, RULES)
@@ -158,6 +169,13 @@ class RunConfig:
         for name in ("precond-probes", "warmup-batches", "local-epochs", "batch-size", "rounds"):
             _at_least(name, getattr(self, name.replace("-", "_")), 1)
         _at_least("num-clients", self.num_clients, 1)
+        most = max_clients(self.dataset, self.eval_split)
+        if self.num_clients > most:
+            raise ConfigError(
+                f"num-clients {self.num_clients} is too many for dataset {self.dataset!r}: its "
+                f"{train_size(self.dataset, self.eval_split)} training examples cannot give every client "
+                f"{MIN_PARTITION_SIZE} examples; use at most {most} clients"
+            )
         if self.clients_per_round is not None:
             _at_least("clients-per-round", self.clients_per_round, 1)
             if self.clients_per_round > self.num_clients:
@@ -165,6 +183,8 @@ class RunConfig:
                     f"clients-per-round ({self.clients_per_round}) cannot exceed num-clients ({self.num_clients})"
                 )
         _at_least("seed", self.seed, 0)
+        if self.seed > SEED_MAX:
+            raise ConfigError(f"seed must be an integer in [0, {SEED_MAX}], got {self.seed}")
         _positive("wait-for-nodes-s", self.wait_for_nodes_s)
         _at_least("min-successful-clients", self.min_successful_clients, 1)
         if self.min_successful_clients > (self.clients_per_round or self.num_clients):
@@ -173,6 +193,43 @@ class RunConfig:
                 f"({self.clients_per_round or self.num_clients}): no round could succeed"
             )
         _at_least("checkpoint-every", self.checkpoint_every, 0)
+        if "\0" in self.out:
+            raise ConfigError(f"out must be a folder name without NUL characters, got {self.out!r}")
+
+
+def train_size(dataset: str, eval_split: str = "test") -> int:
+    """Training examples of ``dataset`` (what the clients share), as ``data.load_federated_data`` splits it."""
+    size = DATASET_SIZES[dataset]
+    for _ in range(2 if eval_split == "validation" else 1):
+        size -= math.ceil(size * TEST_FRACTION)  # scikit-learn's train_test_split rounds the test part up
+    return size
+
+
+def max_clients(dataset: str, eval_split: str = "test") -> int:
+    """The most clients any split of ``dataset`` can have (every client needs MIN_PARTITION_SIZE examples)."""
+    return train_size(dataset, eval_split) // MIN_PARTITION_SIZE
+
+
+def check_output_folder(path: str) -> None:
+    """Raise ConfigError unless ``path`` is, or can be created as, a writable folder.
+
+    For the command line, before anything runs: it touches nothing. Not part of
+    ``validate()``, which also runs on the clients, where the server's folder
+    means nothing.
+    """
+    import os
+    from pathlib import Path
+
+    folder = Path(path)
+    if folder.exists() and not folder.is_dir():
+        raise ConfigError(f"output folder {path!r} is an existing file; choose another --out")
+    parent = folder
+    while not parent.exists():  # the nearest existing ancestor is where mkdir will start
+        parent = parent.parent
+    if not parent.is_dir():
+        raise ConfigError(f"output folder {path!r} cannot be created: {str(parent)!r} is a file")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise ConfigError(f"output folder {path!r} cannot be created or written: {str(parent)!r} is not writable")
 
 
 def load_toml(path: str) -> dict[str, Any]:
@@ -188,6 +245,8 @@ def load_toml(path: str) -> dict[str, Any]:
             values = tomllib.load(handle)
     except tomllib.TOMLDecodeError as error:
         raise ConfigError(f"config file {path!r} is not valid TOML: {error}") from None
+    except UnicodeDecodeError as error:
+        raise ConfigError(f"config file {path!r} is not UTF-8 text (byte {error.start}); TOML files must be UTF-8") from None
     except OSError as error:
         raise ConfigError(f"config file {path!r} cannot be read: {error.strerror}") from None
     nested = [key for key, value in values.items() if isinstance(value, dict)]
@@ -221,23 +280,58 @@ def _range(name: str, value: float, low: float, high: float, high_open: bool) ->
 def _at_least(name: str, value: int, low: int) -> None:
     if value < low:
         raise ConfigError(f"{name} must be an integer >= {low}, got {value}")
+    if value > INT_MAX:
+        raise ConfigError(f"{name} must be an integer <= {INT_MAX}, got {value}")
+
+
+def _kind(annotation: str) -> str:
+    return "an integer" if annotation.startswith("int") else "a number" if annotation.startswith("float") else "a string"
+
+
+def _check_type(key: str, value: Any, annotation: str) -> None:
+    """``value`` has the field's type (for configs built in Python, not through ``from_mapping``)."""
+    if value is None:
+        if "None" not in annotation:
+            raise ConfigError(f"{key} must be {_kind(annotation)}, got None")
+        return
+    if annotation.startswith("int"):
+        ok = isinstance(value, int) and not isinstance(value, bool)
+    elif annotation.startswith("float"):
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+        if ok and isinstance(value, int) and abs(value) > 2**1023:
+            raise ConfigError(f"{key} must be a finite number, got an integer of {value.bit_length()} bits")
+    else:
+        ok = isinstance(value, str)
+    if not ok:
+        raise ConfigError(f"{key} must be {_kind(annotation)}, got {value!r}")
 
 
 def _coerce(key: str, value: Any, annotation: Any) -> Any:
-    """Convert a config value to the field's type, with a one-line error."""
+    """Convert a config value to the field's type, with a one-line error.
+
+    Strings are parsed (the command line and ``flwr run -c`` give strings);
+    ``""`` and ``None`` mean "the default" for the options whose default depends
+    on the method. Booleans are never numbers, and an integer option takes no
+    fraction (``2.0`` from a TOML file is 2, ``2.5`` is an error).
+    """
     text = str(annotation)
     if value is None or (isinstance(value, str) and value == "" and "None" in text):
+        if "None" not in text:
+            raise ConfigError(f"{key} must be {_kind(text)}, got None")
         return None
     try:
         if text.startswith("int"):
             if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
                 raise ValueError
+            if not isinstance(value, (int, float, str)):
+                raise TypeError
             return int(value)
         if text.startswith("float"):
-            if isinstance(value, bool):
-                raise ValueError
+            if isinstance(value, bool) or not isinstance(value, (int, float, str)):
+                raise TypeError
             return float(value)
-        return str(value)
-    except (TypeError, ValueError):
-        kind = "an integer" if text.startswith("int") else "a number"
-        raise ConfigError(f"{key} must be {kind}, got {value!r}") from None
+        if not isinstance(value, str):
+            raise TypeError
+        return value
+    except (TypeError, ValueError, OverflowError):
+        raise ConfigError(f"{key} must be {_kind(text)}, got {value!r}") from None

@@ -34,8 +34,13 @@ class SerialRound:
     wall_s: float
 
 
-def run_serial(config: RunConfig) -> list[SerialRound]:
-    """Run ``config`` serially; return one row per round."""
+def run_serial(config: RunConfig, exclude: frozenset[int] = frozenset()) -> tuple[list[SerialRound], dict[str, np.ndarray]]:
+    """Run ``config`` serially; return one row per round and the final model.
+
+    Partitions in ``exclude`` are sampled as usual but their training replies
+    are dropped, as the server drops a faulty client's reply (their warm-up
+    statistics still count).
+    """
     cfg = config.resolved()
     data = load_federated_data(cfg.dataset, cfg.seed, cfg.eval_split)
     model = initial_model(cfg.model, data.input_shape, data.num_classes, cfg.seed)
@@ -49,10 +54,11 @@ def run_serial(config: RunConfig) -> list[SerialRound]:
     for server_round in range(1, cfg.rounds + 1):
         start = time.perf_counter()
         chosen = sorted(sampler.sample(range(cfg.num_clients), cfg.clients_per_round))
-        weights = [len(partitions[pid]) for pid in chosen]
         if rule.has_state and state is None and cfg.precond_init == "warmup":
             stats = [local_statistic(cfg, partitions[pid], global_arrays, pid) for pid in chosen]
-            state = warmup_state(stats, weights)
+            state = warmup_state(stats, [len(partitions[pid]) for pid in chosen])
+        chosen = [pid for pid in chosen if pid not in exclude]
+        weights = [len(partitions[pid]) for pid in chosen]
         low, high = diagonal_bounds(rule.diagonal(state, cfg.precond_alpha)) if state is not None else (1.0, 1.0)
         replies = [local_round(cfg, partitions[pid], global_arrays, state, server_round, pid) for pid in chosen]
         global_arrays = next_model(global_arrays, weighted_average([r.arrays for r in replies], weights), cfg.server_lr)
@@ -62,4 +68,4 @@ def run_serial(config: RunConfig) -> list[SerialRound]:
         test_loss, test_acc = evaluate(model, test_x, test_y)
         train_loss = float(np.average([r.train_loss for r in replies], weights=weights))
         rows.append(SerialRound(server_round, test_loss, test_acc, train_loss, low, high, time.perf_counter() - start))
-    return rows
+    return rows, global_arrays
