@@ -2,11 +2,33 @@
 
 from __future__ import annotations
 
+import io
 from collections.abc import Iterable, Mapping, Sequence
 
 import numpy as np
 import torch
 from flwr.app import Array, ArrayRecord, RecordDict
+
+
+def array_view(array: Array) -> np.ndarray:
+    """A read-only NumPy view of a serialised Array, without copying its bytes.
+
+    ``Array.numpy()`` copies through ``np.load``; the server reads every array
+    of every reply twice (checks, then averages), so it reads views instead.
+    """
+    buffer = io.BytesIO(array.data)
+    version = np.lib.format.read_magic(buffer)
+    read_header = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+    shape, fortran_order, dtype = read_header(buffer)
+    if dtype.hasobject:
+        raise ValueError("object arrays are not accepted")
+    view = np.frombuffer(array.data, dtype=dtype, count=int(np.prod(shape)), offset=buffer.tell())
+    return view.reshape(shape, order="F" if fortran_order else "C")
+
+
+def record_views(record: ArrayRecord) -> dict[str, np.ndarray]:
+    """``{key: read-only view}`` of every array in a record (see ``array_view``)."""
+    return {key: array_view(array) for key, array in record.items()}
 
 
 def record_to_numpy(record: ArrayRecord) -> dict[str, np.ndarray]:
@@ -31,23 +53,27 @@ def torch_to_numpy(tensors: Mapping[str, torch.Tensor]) -> dict[str, np.ndarray]
 def weighted_average(
     arrays_list: Sequence[Mapping[str, np.ndarray]], weights: Sequence[float]
 ) -> dict[str, np.ndarray]:
-    """``Σ_m w_m a_m / Σ_m w_m`` key by key, in float64 then cast back to float32.
+    """``Σ_m w_m a_m / Σ_m w_m`` key by key, accumulated in float32 like Flower's FedAvg.
 
-    Accumulating in float64 keeps the average independent of the order of the
-    replies to well below float32 resolution.
+    Two buffers per key, whatever the number of replies: the sum and one
+    scratch array (no temporaries per reply). The result depends on the order
+    of ``arrays_list``; the strategy passes replies in a fixed order.
     """
     if not arrays_list:
         raise ValueError("weighted_average needs at least one set of arrays")
     total = float(sum(weights))
     if total <= 0:
         raise ValueError(f"weights must sum to a positive number, got {total}")
-    keys = list(arrays_list[0])
     out: dict[str, np.ndarray] = {}
-    for key in keys:
-        acc = np.zeros(np.shape(arrays_list[0][key]), dtype=np.float64)
-        for arrays, weight in zip(arrays_list, weights, strict=True):
-            acc += (weight / total) * np.asarray(arrays[key], dtype=np.float64)
-        out[key] = acc.astype(np.float32)
+    for key in arrays_list[0]:
+        first = np.asarray(arrays_list[0][key])
+        dtype = first.dtype if np.issubdtype(first.dtype, np.floating) else np.float32
+        acc = np.multiply(first, np.asarray(weights[0] / total, dtype=dtype), dtype=dtype)
+        scratch = np.empty_like(acc)
+        for arrays, weight in zip(arrays_list[1:], weights[1:], strict=True):
+            np.multiply(arrays[key], np.asarray(weight / total, dtype=dtype), out=scratch, dtype=dtype)
+            acc += scratch
+        out[key] = acc
     return out
 
 

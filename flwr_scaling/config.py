@@ -14,7 +14,8 @@ from collections.abc import Mapping
 from dataclasses import asdict, dataclass, fields, replace
 from typing import Any
 
-from .data import DATASETS, EVAL_SPLITS, MIN_PARTITION_SIZE, TEST_FRACTION
+from .data import EVAL_SPLITS, MIN_PARTITION_SIZE, TEST_FRACTION, DataSpec, PartitionSpec
+from .sources import DataError, check_spec
 from .models import MODELS
 from .rules import RULES
 from .training import MODES
@@ -77,6 +78,8 @@ class RunConfig:
     clients_per_round: int | None = None
     dirichlet_alpha: float = 0.5
     dataset: str = "digits"
+    label_column: str = "label"
+    test_path: str = ""
     eval_split: str = "test"
     model: str | None = None
     seed: int = 0
@@ -118,9 +121,7 @@ class RunConfig:
         """Fill every ``None`` with its documented default; validate first."""
         self.validate()
         precond = self.precond or ("identity" if self.strategy == "fedavg" else "adam")
-        model = self.model
-        if model is None:
-            model = "cnn" if self.dataset == "digits" else "logreg"
+        model = self.model or ("cnn" if _is_image(self.dataset) else "logreg")
         return replace(
             self,
             precond=precond,
@@ -130,6 +131,14 @@ class RunConfig:
             model=model,
             out=self.out or f"runs/{self.label(precond)}",
         )
+
+    def data_spec(self) -> DataSpec:
+        """What ``data.load_federated_data`` needs from this configuration."""
+        return DataSpec(self.dataset, self.seed, self.eval_split, self.label_column, self.test_path)
+
+    def partition_spec(self) -> PartitionSpec:
+        """What ``data.load_partition`` needs from this configuration."""
+        return PartitionSpec(self.data_spec(), self.num_clients, self.dirichlet_alpha)
 
     def label(self, precond: str | None = None) -> str:
         """A short name for plots and folders, e.g. ``savic-adam-global``."""
@@ -153,11 +162,14 @@ class RunConfig:
                 )
         _choice("precond-mode", self.precond_mode, MODES)
         _choice("precond-init", self.precond_init, INITS)
-        _choice("dataset", self.dataset, DATASETS)
+        try:
+            check_spec(self.dataset, self.test_path)
+        except DataError as error:
+            raise ConfigError(str(error)) from None
         _choice("eval-split", self.eval_split, EVAL_SPLITS)
         if self.model is not None:
             _choice("model", self.model, MODELS)
-            if self.model == "cnn" and self.dataset != "digits":
+            if self.model == "cnn" and not _is_image(self.dataset):
                 raise ConfigError(f"model 'cnn' needs image data; dataset {self.dataset!r} is tabular: use --model mlp or logreg")
         _range("precond-beta", self.precond_beta, 0.0, 1.0, high_open=True)
         _range("adam-beta1", self.adam_beta1, 0.0, 1.0, high_open=True)
@@ -170,7 +182,7 @@ class RunConfig:
             _at_least(name, getattr(self, name.replace("-", "_")), 1)
         _at_least("num-clients", self.num_clients, 1)
         most = max_clients(self.dataset, self.eval_split)
-        if self.num_clients > most:
+        if most is not None and self.num_clients > most:
             raise ConfigError(
                 f"num-clients {self.num_clients} is too many for dataset {self.dataset!r}: its "
                 f"{train_size(self.dataset, self.eval_split)} training examples cannot give every client "
@@ -197,17 +209,25 @@ class RunConfig:
             raise ConfigError(f"out must be a folder name without NUL characters, got {self.out!r}")
 
 
-def train_size(dataset: str, eval_split: str = "test") -> int:
-    """Training examples of ``dataset`` (what the clients share), as ``data.load_federated_data`` splits it."""
+def _is_image(dataset: str) -> bool:
+    return dataset == "digits" or dataset.startswith("idx:")
+
+
+def train_size(dataset: str, eval_split: str = "test") -> int | None:
+    """Training examples of a bundled ``dataset`` (what the clients share), as ``data.load_federated_data``
+    splits it; ``None`` for other datasets, whose size is known only once they are loaded."""
+    if dataset not in DATASET_SIZES:
+        return None
     size = DATASET_SIZES[dataset]
     for _ in range(2 if eval_split == "validation" else 1):
         size -= math.ceil(size * TEST_FRACTION)  # scikit-learn's train_test_split rounds the test part up
     return size
 
 
-def max_clients(dataset: str, eval_split: str = "test") -> int:
+def max_clients(dataset: str, eval_split: str = "test") -> int | None:
     """The most clients any split of ``dataset`` can have (every client needs MIN_PARTITION_SIZE examples)."""
-    return train_size(dataset, eval_split) // MIN_PARTITION_SIZE
+    size = train_size(dataset, eval_split)
+    return None if size is None else size // MIN_PARTITION_SIZE
 
 
 def check_output_folder(path: str) -> None:

@@ -14,6 +14,8 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, TensorDataset
 
+from .sources import BUNDLED, Source, load_source
+
 TEST_FRACTION = 0.2
 MIN_PARTITION_SIZE = 10
 
@@ -43,30 +45,50 @@ class FederatedData:
     default_model: str
 
 
-def _load_sklearn(name: str) -> tuple[np.ndarray, np.ndarray, tuple[int, ...], str]:
+def load_bundled(name: str) -> Source:
+    """scikit-learn's bundled datasets: no network, no file outside the installed packages."""
     from sklearn import datasets as skdatasets
 
     if name == "digits":
         bunch = skdatasets.load_digits()
         # Pixels are 0..16; scale to [0, 1] and keep the 8x8 image shape for the CNN.
-        return (bunch.data / 16.0).reshape(-1, 1, 8, 8), bunch.target, (1, 8, 8), "cnn"
+        features = (bunch.data / 16.0).reshape(-1, 1, 8, 8).astype(np.float32)
+        return Source(features, bunch.target.astype(np.int64), (1, 8, 8), "cnn")
     loader = {"breast_cancer": skdatasets.load_breast_cancer, "wine": skdatasets.load_wine}[name]
     bunch = loader()
-    features = bunch.data
-    # Standardise tabular features: their raw scales differ by orders of magnitude.
-    features = (features - features.mean(axis=0)) / (features.std(axis=0) + 1e-12)
-    return features, bunch.target, (features.shape[1],), "logreg"
+    features = bunch.data.astype(np.float32)
+    return Source(features, bunch.target.astype(np.int64), (features.shape[1],), "logreg", standardize=True)
 
 
-DATASETS = ("digits", "breast_cancer", "wine")
-
-
+DATASETS = BUNDLED
 EVAL_SPLITS = ("test", "validation")
+@dataclass(frozen=True)
+class DataSpec:
+    """Which data, split how: everything ``load_federated_data`` depends on (and its cache key)."""
+
+    dataset: str = "digits"
+    seed: int = 0
+    eval_split: str = "test"
+    label_column: str = "label"
+    test_path: str = ""
+
+
+@dataclass(frozen=True)
+class PartitionSpec:
+    """How the training split is divided among clients."""
+
+    data: DataSpec
+    num_partitions: int
+    dirichlet_alpha: float
 
 
 @lru_cache(maxsize=4)
-def load_federated_data(dataset: str, seed: int, eval_split: str = "test") -> FederatedData:
-    """Load ``dataset`` and split it 80/20 (stratified, seeded) into train and test.
+def load_federated_data(spec: DataSpec) -> FederatedData:
+    """Load ``spec.dataset`` (see ``flwr_scaling.sources``) and split it into train and test.
+
+    The test split is the source's own (a separate file) or else 20 % of the
+    data, stratified and seeded. Tabular features are standardised with the
+    training split's mean and standard deviation.
 
     With ``eval_split="validation"`` the test split is set aside unused and the
     server evaluates on 20 % of the training split instead (the clients train
@@ -74,67 +96,70 @@ def load_federated_data(dataset: str, seed: int, eval_split: str = "test") -> Fe
     """
     from sklearn.model_selection import train_test_split
 
-    if dataset not in DATASETS:
-        raise ValueError(f"unknown dataset {dataset!r}; choose one of {', '.join(DATASETS)}")
-    features, labels, input_shape, default_model = _load_sklearn(dataset)
-    features = features.astype(np.float32)
-    labels = labels.astype(np.int64)
-    x_train, x_test, y_train, y_test = train_test_split(
-        features, labels, test_size=TEST_FRACTION, stratify=labels, random_state=seed
-    )
-    if eval_split == "validation":
+    seed = spec.seed
+    source = load_source(spec.dataset, spec.label_column, spec.test_path)
+    if source.test is not None:
+        x_train, y_train = source.features, source.labels
+        x_test, y_test = source.test
+    else:
+        x_train, x_test, y_train, y_test = train_test_split(
+            source.features, source.labels, test_size=TEST_FRACTION, stratify=source.labels, random_state=seed
+        )
+    if spec.eval_split == "validation":
         x_train, x_test, y_train, y_test = train_test_split(
             x_train, y_train, test_size=TEST_FRACTION, stratify=y_train, random_state=seed
         )
+    if source.standardize:
+        mean, std = x_train.mean(axis=0), x_train.std(axis=0) + 1e-12
+        x_train, x_test = (x_train - mean) / std, (x_test - mean) / std
+    num_classes = int(max(y_train.max(), y_test.max())) + 1
     return FederatedData(
-        train=Split(x_train, y_train),
-        test=Split(x_test, y_test),
-        input_shape=input_shape,
-        num_classes=int(labels.max()) + 1,
-        default_model=default_model,
+        train=Split(x_train.astype(np.float32), y_train),
+        test=Split(x_test.astype(np.float32), y_test),
+        input_shape=tuple(source.input_shape),
+        num_classes=num_classes,
+        default_model=source.default_model,
     )
 
 
 @lru_cache(maxsize=4)
-def _partitioner(dataset: str, seed: int, eval_split: str, num_partitions: int, dirichlet_alpha: float):
+def _partitioner(spec: PartitionSpec):
     from datasets import Dataset
     from flwr_datasets.partitioner import DirichletPartitioner
 
-    data = load_federated_data(dataset, seed, eval_split)
+    data = load_federated_data(spec.data)
     # Partition an index column: the partitioner only needs the labels, and the
     # features stay in one NumPy array instead of being copied into Arrow.
     table = Dataset.from_dict({"index": np.arange(len(data.train)), "label": data.train.labels})
     partitioner = DirichletPartitioner(
-        num_partitions=num_partitions,
+        num_partitions=spec.num_partitions,
         partition_by="label",
-        alpha=dirichlet_alpha,
+        alpha=spec.dirichlet_alpha,
         min_partition_size=MIN_PARTITION_SIZE,
         self_balancing=False,
         shuffle=True,
-        seed=seed,
+        seed=spec.data.seed,
     )
     partitioner.dataset = table
     return partitioner
 
 
-def load_partition(
-    dataset: str, seed: int, eval_split: str, num_partitions: int, dirichlet_alpha: float, partition_id: int
-) -> Split:
+def load_partition(spec: PartitionSpec, partition_id: int) -> Split:
     """Client ``partition_id``'s part of the training split (Dirichlet over labels)."""
-    if not 0 <= partition_id < num_partitions:
-        raise ValueError(f"partition-id {partition_id} is outside 0..{num_partitions - 1}")
-    data = load_federated_data(dataset, seed, eval_split)
+    if not 0 <= partition_id < spec.num_partitions:
+        raise ValueError(f"partition-id {partition_id} is outside 0..{spec.num_partitions - 1}")
+    data = load_federated_data(spec.data)
     try:
         with warnings.catch_warnings():
             # flwr-datasets warns at every retry; the error below says it once.
             warnings.simplefilter("ignore", UserWarning)
-            part = _partitioner(dataset, seed, eval_split, num_partitions, dirichlet_alpha).load_partition(partition_id)
+            part = _partitioner(spec).load_partition(partition_id)
     except ValueError as error:
         if "max number of attempts" not in str(error):
             raise
         raise ValueError(
-            f"a Dirichlet split of {len(data.train)} examples into {num_partitions} clients "
-            f"with dirichlet-alpha {dirichlet_alpha} cannot give every client "
+            f"a Dirichlet split of {len(data.train)} examples into {spec.num_partitions} clients "
+            f"with dirichlet-alpha {spec.dirichlet_alpha} cannot give every client "
             f"{MIN_PARTITION_SIZE} examples; use fewer clients (at most {len(data.train) // MIN_PARTITION_SIZE}, "
             f"fewer still at small alpha) or a larger dirichlet-alpha"
         ) from None

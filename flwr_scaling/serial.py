@@ -42,7 +42,7 @@ def run_serial(config: RunConfig, exclude: frozenset[int] = frozenset()) -> tupl
     statistics still count).
     """
     cfg = config.resolved()
-    data = load_federated_data(cfg.dataset, cfg.seed, cfg.eval_split)
+    data = load_federated_data(cfg.data_spec())
     model = initial_model(cfg.model, data.input_shape, data.num_classes, cfg.seed)
     rule = get_rule(cfg.precond)
     partitions = [client_partition(cfg, pid) for pid in range(cfg.num_clients)]

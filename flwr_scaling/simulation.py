@@ -20,7 +20,7 @@ def preflight(cfg: RunConfig) -> None:
     from .clients.logic import client_partition
 
     cfg.validate()
-    load_federated_data(cfg.dataset, cfg.seed, cfg.eval_split)
+    load_federated_data(cfg.data_spec())
     for partition_id in range(cfg.num_clients):
         client_partition(cfg, partition_id)
 

@@ -80,7 +80,7 @@ def test_too_few_good_replies_fail_the_round_and_change_nothing(tmp_path):
     assert all(r["clients_ok"] == "3" and r["clients_failed"] == "9" for r in rows)
     initial_accuracy = rows[0]["test_accuracy"]
     assert all(r["test_accuracy"] == initial_accuracy for r in rows)  # the model never moved
-    data = load_federated_data(cfg.dataset, cfg.seed)
+    data = load_federated_data(cfg.data_spec())
     untouched = torch_to_numpy(initial_model("cnn", data.input_shape, data.num_classes, cfg.seed).state_dict())
     final = load_checkpoint(tmp_path / "strict").model
     for key, value in untouched.items():

@@ -31,7 +31,7 @@ class LocalRound:
 
 
 def client_partition(cfg: RunConfig, partition_id: int) -> Split:
-    return load_partition(cfg.dataset, cfg.seed, cfg.eval_split, cfg.num_clients, cfg.dirichlet_alpha, partition_id)
+    return load_partition(cfg.partition_spec(), partition_id)
 
 
 @lru_cache(maxsize=4)
@@ -41,7 +41,7 @@ def _model(name: str, input_shape: tuple[int, ...], num_classes: int) -> torch.n
 
 
 def _loaded_model(cfg: RunConfig, arrays: NumpyArrays) -> torch.nn.Module:
-    data = load_federated_data(cfg.dataset, cfg.seed, cfg.eval_split)
+    data = load_federated_data(cfg.data_spec())
     model = _model(cfg.model, data.input_shape, data.num_classes)
     model.load_state_dict(numpy_to_torch(arrays))
     return model

@@ -15,7 +15,7 @@ from flwr.serverapp.strategy import FedAvg
 from flwr.supercore import log
 
 from ..aggregation import next_model, next_state, warmup_state
-from ..arrays import content_bytes, numpy_to_record, record_to_numpy
+from ..arrays import content_bytes, numpy_to_record, record_views, weighted_average
 from ..rules import diagonal_bounds, get_rule
 from ..training import MODES
 from .screening import describe, reply_problem
@@ -203,13 +203,16 @@ class Savic(FedAvg):
         failed = len(replies) - len(accepted)
         arrays, metrics = None, None
         if len(accepted) >= max(1, self.min_successful_clients):
-            payloads = [record_to_numpy(m.content.pop(self.stats_key)) for m in accepted if self.rule.has_state]
             weights = [self._weight(m) for m in accepted]
-            arrays, metrics = super().aggregate_train(server_round, accepted)
-            if arrays is not None and self.server_lr != 1.0 and self._sent_arrays is not None:
-                arrays = numpy_to_record(
-                    next_model(record_to_numpy(self._sent_arrays), record_to_numpy(arrays), self.server_lr)
-                )
+            # Views of the serialised bytes: nothing is copied until the averages.
+            payloads = [record_views(m.content.pop(self.stats_key)) for m in accepted if self.rule.has_state]
+            models = [record_views(m.content[self.arrayrecord_key]) for m in accepted]
+            self._check_and_log_replies(accepted, is_train=True)
+            average = weighted_average(models, weights)
+            if self.server_lr != 1.0 and self._sent_arrays is not None:
+                average = next_model(record_views(self._sent_arrays), average, self.server_lr)
+            arrays = numpy_to_record(average)
+            metrics = self.train_metrics_aggr_fn([m.content for m in accepted], self.weighted_by_key)
             if payloads:
                 self.precond_state = next_state(
                     self.rule, self.precond_mode, self.precond_state, payloads, weights, self.precond_beta
@@ -282,14 +285,14 @@ class Savic(FedAvg):
             log(WARNING, "Warm-up: no usable statistic; starting from v = 1 (precond-init 'ones')")
             return
         accepted.sort(key=self._reply_order)
-        stats = [record_to_numpy(m.content[self.stats_key]) for m in accepted]
+        stats = [record_views(m.content[self.stats_key]) for m in accepted]
         self.precond_state = warmup_state(stats, [self._weight(m) for m in accepted])
         log(INFO, "Warm-up: v⁰ from %d clients; D̂ in [%.3g, %.3g]", len(accepted), *self.precond_bounds())
 
     def _stats_layout(self):
         if self.precond_state is None:
             return None
-        return describe(numpy_to_record(self.precond_state))
+        return {key: (tuple(value.shape), str(value.dtype)) for key, value in self.precond_state.items()}
 
     def _reply_order(self, message: Message) -> tuple:
         """Node rank when known, else a digest of the reply's leading bytes: stable across runs."""

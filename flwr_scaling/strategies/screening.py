@@ -7,6 +7,7 @@ from collections.abc import Mapping
 import numpy as np
 from flwr.app import ArrayRecord, Message
 
+from ..arrays import array_view
 from ..rules import ScalingRule
 
 
@@ -19,10 +20,20 @@ def _arrays_problem(name: str, record: ArrayRecord, expected: Mapping[str, tuple
         shape, dtype = expected[key]
         if tuple(array.shape) != shape or array.dtype != dtype:
             return f"{name}[{key}] is {array.dtype}{list(array.shape)}, expected {dtype}{list(shape)}"
-        values = array.numpy()
-        if not np.all(np.isfinite(values)):
+        try:
+            values = array_view(array)
+        except ValueError as error:
+            return f"{name}[{key}] is not a valid NumPy buffer ({error})"
+        if values.shape != shape or str(values.dtype) != dtype:
+            return f"{name}[{key}] holds {values.dtype}{list(values.shape)} but says {dtype}{list(shape)}"
+        if values.size == 0:
+            continue
+        # Two reductions and no temporary array: min and max are NaN if any
+        # entry is NaN, and one of them is infinite if any entry is.
+        low, high = values.min(), values.max()
+        if not (np.isfinite(low) and np.isfinite(high)):
             return f"{name}[{key}] contains NaN or Inf"
-        if nonnegative and values.size and values.min() < 0:
+        if nonnegative and low < 0:
             return f"{name}[{key}] has negative entries, impossible for this rule"
     return None
 
