@@ -118,6 +118,12 @@ def build_parser() -> argparse.ArgumentParser:
     compare.add_argument("--config", help="TOML file of the common options; command-line options override it")
     _add_run_options(compare, skip=COMPARE_FIXED)
     compare.add_argument("--verbose", action="store_true", help="show Flower's and Ray's logs")
+    sweep = sub.add_parser("sweep", help="run every combination of a grid of options (TOML file), resumably")
+    sweep.add_argument("file", help="sweep file: [base] options and [grid] lists (see README, Sweeps)")
+    sweep.add_argument("--out", help="output folder. Default: the file's 'out', else runs/<file stem>")
+    sweep.add_argument("--dry-run", action="store_true", help="check the file and list the runs; run nothing")
+    report = sub.add_parser("report", help="rebuild a sweep's tables and plots from its results (runs nothing)")
+    report.add_argument("dir", help="the sweep's output folder")
     return parser
 
 
@@ -194,15 +200,43 @@ def _compare(args: argparse.Namespace) -> None:
     print(f"done in {time.perf_counter() - start:.1f} s; summary in {out}/summary.md, plot in {out}/accuracy.png")
 
 
+def _sweep(args: argparse.Namespace) -> None:
+    from .sweep import load_sweep, run_sweep
+
+    if args.dry_run:
+        plan = load_sweep(args.file, args.out)
+        for index, run in enumerate(plan.runs, start=1):
+            print(f"[{index}/{len(plan.runs)}] {run.name}")
+        return
+    out = run_sweep(args.file, args.out)
+    print(f"sweep done; summary in {out}/summary.md, plots in {out}/")
+
+
+def _report(args: argparse.Namespace) -> None:
+    from .sweep import write_sweep_report
+
+    if not Path(args.dir).is_dir():
+        raise ConfigError(f"{args.dir} is not a folder")
+    write_sweep_report(args.dir)
+    print(f"tables and plots rebuilt in {args.dir}/")
+
+
+COMMANDS = {"run": _run, "compare": _compare, "sweep": _sweep, "report": _report}
+
+
 def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
     try:
-        if args.command == "run":
-            _run(args)
-        else:
-            _compare(args)
+        COMMANDS[args.command](args)
+    except KeyboardInterrupt:
+        print("flwr-scaling: interrupted; finished rounds are in the checkpoint (run --resume DIR, or run the sweep again)",
+              file=sys.stderr)
+        raise SystemExit(130) from None
     except (ConfigError, ValueError, FileNotFoundError) as error:
         fail(str(error).splitlines()[0] if str(error) else type(error).__name__)
+    except RuntimeError as error:
+        print(f"flwr-scaling: failed: {str(error).splitlines()[0]}", file=sys.stderr)
+        raise SystemExit(1) from None
 
 
 if __name__ == "__main__":

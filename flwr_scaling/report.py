@@ -93,3 +93,121 @@ def write_compare_report(
     text = f"# {title}\n\n" + summary_markdown(runs, target, lrs)
     write_atomic(out / "summary.md", text)
     plot_accuracy(runs, out / "accuracy.png", title, target)
+
+
+# ------------------------------------------------------------ seed groups (sweeps)
+def seed_group_summary(runs: Sequence[Sequence[Mapping[str, float]]], target: float) -> dict[str, object]:
+    """Statistics over runs that differ only in their seed (each a list of ``metrics.csv`` rows).
+
+    Means and sample standard deviations (n - 1; ``None`` for one run) of the
+    final and the best test accuracy; rounds and MB to ``target`` averaged
+    over the runs that reached it (``None`` if none did) and how many did;
+    mean total MB; the largest precond_max / precond_min of any round and run.
+    """
+    import statistics
+
+    def spread(values: list[float]) -> float | None:
+        return statistics.stdev(values) if len(values) > 1 else None
+
+    finals = [rows[-1]["test_accuracy"] for rows in runs]
+    bests = [max(r["test_accuracy"] for r in rows) for rows in runs]
+    reached = [(round_, megabytes_until(rows, round_)) for rows in runs
+               if (round_ := first_round_reaching(rows, target)) is not None]
+    return {
+        "n_seeds": len(runs),
+        "final_accuracy_mean": statistics.fmean(finals),
+        "final_accuracy_std": spread(finals),
+        "best_accuracy_mean": statistics.fmean(bests),
+        "best_accuracy_std": spread(bests),
+        "rounds_to_target_mean": statistics.fmean(r for r, _ in reached) if reached else None,
+        "reached_target": len(reached),
+        "mb_to_target_mean": statistics.fmean(mb for _, mb in reached) if reached else None,
+        "mb_total_mean": statistics.fmean(megabytes_until(rows) for rows in runs),
+        "max_gamma_over_alpha": max(_gamma_over_alpha(r) for rows in runs for r in rows),
+    }
+
+
+def _gamma_over_alpha(row: Mapping[str, float]) -> float:
+    return row["precond_max"] / row["precond_min"] if row["precond_min"] > 0 else math.inf
+
+
+def _series(rows: Sequence[Mapping[str, float]], name: str) -> list[float]:
+    if name == "mb":  # cumulative megabytes after each round
+        total, values = 0.0, []
+        for r in rows:
+            total += (r["bytes_down"] + r["bytes_up"]) / 1e6
+            values.append(total)
+        return values
+    if name == "gamma_over_alpha":
+        return [_gamma_over_alpha(r) for r in rows]
+    return [float(r[name]) for r in rows]
+
+
+def plot_seed_groups(
+    groups: Mapping[str, Sequence[Sequence[Mapping[str, float]]]],
+    path: Path,
+    *,
+    x: str,
+    y: str,
+    title: str,
+    xlabel: str,
+    ylabel: str,
+    styles: Mapping[str, Mapping[str, object]] | None = None,
+    band: str = "std",
+    log_y: bool = False,
+    target: float | None = None,
+) -> None:
+    """One line per group (the mean over its runs, round by round) with a band: ±1 sample std
+    (``band="std"``, two runs or more) or min..max (``band="range"``). ``x`` and ``y`` are
+    metrics.csv columns or ``"mb"`` (cumulative MB) / ``"gamma_over_alpha"``. Written atomically."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    many = len(groups) > 8
+    fig, axis = plt.subplots(figsize=(10.5 if many else 8, 5))
+    lowest = math.inf
+    for label, runs in groups.items():
+        length = min(len(rows) for rows in runs)
+        xs = np.mean([_series(rows, x)[:length] for rows in runs], axis=0)
+        ys = np.array([_series(rows, y)[:length] for rows in runs])
+        mean = ys.mean(axis=0)
+        style = dict((styles or {}).get(label, {}))
+        marker = style.pop("marker", None)
+        (line,) = axis.plot(xs, mean, label=f"{label} (n={len(runs)})", linewidth=1.6, marker=marker or "o",
+                            markersize=3, **style)
+        if band == "range" and len(runs) > 1:
+            low, high = ys.min(axis=0), ys.max(axis=0)
+        elif band == "std" and len(runs) > 1:
+            std = ys.std(axis=0, ddof=1)
+            low, high = mean - std, mean + std
+        else:
+            low = high = mean
+        if len(runs) > 1:
+            axis.fill_between(xs, low, high, color=line.get_color(), alpha=0.15, linewidth=0)
+        lowest = min(lowest, float(np.min(low)))
+    if target is not None:
+        axis.axhline(target, color="grey", linestyle=":", linewidth=1, label=f"target {target:g}")
+    if log_y:
+        axis.set_yscale("log")
+    elif y == "test_accuracy" and math.isfinite(lowest):
+        axis.set_ylim(max(0.0, math.floor(lowest * 10) / 10), 1.0)
+    if x == "round":
+        from matplotlib.ticker import MaxNLocator
+
+        axis.xaxis.set_major_locator(MaxNLocator(integer=True))
+    axis.set_xlabel(xlabel)
+    axis.set_ylabel(ylabel)
+    axis.set_title(title, fontsize=10)
+    axis.grid(alpha=0.3, which="both" if log_y else "major")
+    if many:
+        axis.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=8, frameon=False)
+    else:
+        axis.legend(loc="lower right" if y == "test_accuracy" else "best", fontsize=8)
+    fig.tight_layout()
+    tmp = path.with_name(f".{path.stem}.tmp.png")
+    fig.savefig(tmp, dpi=120, bbox_inches="tight")
+    plt.close(fig)
+    tmp.replace(path)
