@@ -9,7 +9,7 @@ import time
 from dataclasses import fields, replace
 from pathlib import Path
 
-from .config import ConfigError, RunConfig, load_toml
+from .config import ConfigError, RunConfig, check_output_folder, load_toml
 from .rules import RULES
 from .training import MODES
 
@@ -103,14 +103,16 @@ def parse_label(label: str) -> dict[str, str]:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = OneLineParser(prog="flwr-scaling", description="Scaled Local SGD (SAVIC) on Flower's simulation engine.")
+    parser = OneLineParser(prog="flwr-scaling", description="Scaled Local SGD (SAVIC) on Flower's simulation engine.",
+                           allow_abbrev=False)
     sub = parser.add_subparsers(dest="command", required=True, parser_class=OneLineParser)
-    run = sub.add_parser("run", help="run one configuration")
+    run = sub.add_parser("run", help="run one configuration", allow_abbrev=False)
     run.add_argument("--config", help="TOML file of options (kebab-case keys); command-line options override it")
     run.add_argument("--resume", metavar="DIR", help="continue the run in DIR from its last checkpoint")
     _add_run_options(run)
     run.add_argument("--verbose", action="store_true", help="show Flower's and Ray's logs")
-    compare = sub.add_parser("compare", help="run several configurations on the same partition and seed")
+    compare = sub.add_parser("compare", help="run several configurations on the same partition and seed",
+                             allow_abbrev=False)
     compare.add_argument("--configs", default=",".join(DEFAULT_COMPARE),
                          help=f"comma-separated: fedavg, savic-<rule>-<mode>. Default: {','.join(DEFAULT_COMPARE)}")
     compare.add_argument("--out", default="runs/compare", help="output folder. Default: runs/compare")
@@ -118,7 +120,8 @@ def build_parser() -> argparse.ArgumentParser:
     compare.add_argument("--config", help="TOML file of the common options; command-line options override it")
     _add_run_options(compare, skip=COMPARE_FIXED)
     compare.add_argument("--verbose", action="store_true", help="show Flower's and Ray's logs")
-    sweep = sub.add_parser("sweep", help="run every combination of a grid of options (TOML file), resumably")
+    sweep = sub.add_parser("sweep", help="run every combination of a grid of options (TOML file), resumably",
+                           allow_abbrev=False)
     sweep.add_argument("file", help="sweep file: [base] options and [grid] lists (see README, Sweeps)")
     sweep.add_argument("--out", help="output folder. Default: the file's 'out', else runs/<file stem>")
     sweep.add_argument("--dry-run", action="store_true", help="check the file and list the runs; run nothing")
@@ -159,6 +162,7 @@ def _run(args: argparse.Namespace) -> None:
         print(f"resuming {args.resume} after round {checkpoint.round} of {cfg.rounds}")
     else:
         cfg = RunConfig.from_mapping(_given(args)).resolved()
+    check_output_folder(cfg.out)
     preflight(cfg)
     start = time.perf_counter()
     rows = simulate(cfg, verbose=args.verbose, resume=checkpoint)
@@ -186,6 +190,7 @@ def _compare(args: argparse.Namespace) -> None:
         cfg = RunConfig.from_mapping({**common, **parse_label(label)})
         configs[label] = replace(cfg, out=str(out / label)).resolved()
     for cfg in configs.values():  # every configuration is checked before the first one runs
+        check_output_folder(cfg.out)
         preflight(cfg)
     start = time.perf_counter()
     runs = {}
@@ -225,7 +230,17 @@ COMMANDS = {"run": _run, "compare": _compare, "sweep": _sweep, "report": _report
 
 
 def main(argv: list[str] | None = None) -> None:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    # Unknown options are reported by the subcommand's parser, which knows its
+    # options and can suggest the closest one.
+    args, extra = parser.parse_known_args(argv)
+    if extra:
+        sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices[args.command]
+        bad = extra[0].split("=")[0]
+        if args.command == "compare" and bad.lstrip("-").replace("-", "_") in COMPARE_FIXED:
+            fail(f"unrecognized arguments: {' '.join(extra)}; compare sets {bad} per configuration: "
+                 f"choose them with --configs, or use run {bad}")
+        sub.error(f"unrecognized arguments: {' '.join(extra)}")
     try:
         COMMANDS[args.command](args)
     except KeyboardInterrupt:

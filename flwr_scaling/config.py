@@ -15,7 +15,7 @@ from dataclasses import asdict, dataclass, fields, replace
 from typing import Any
 
 from .data import EVAL_SPLITS, MIN_PARTITION_SIZE, TEST_FRACTION, DataSpec, PartitionSpec
-from .sources import DataError, check_spec
+from .sources import BUNDLED, FILE_KINDS, DataError, check_spec
 from .models import MODELS
 from .rules import RULES
 from .training import MODES
@@ -162,8 +162,18 @@ class RunConfig:
                 )
         _choice("precond-mode", self.precond_mode, MODES)
         _choice("precond-init", self.precond_init, INITS)
+        kind, is_file, _ = self.dataset.partition(":")
+        if not is_file and kind not in BUNDLED:
+            raise ConfigError(
+                f"dataset: unknown value {kind!r}{_suggest(kind, BUNDLED)} "
+                f"(a dataset from files is KIND:PATH, KIND one of {', '.join(FILE_KINDS)})"
+            )
+        if is_file and kind not in FILE_KINDS:
+            raise ConfigError(f"dataset {self.dataset!r}: unknown file kind {kind!r}{_suggest(kind, FILE_KINDS)}")
+        if not self.label_column:
+            raise ConfigError("label-column must name a column of the data, got ''")
         try:
-            check_spec(self.dataset, self.test_path)
+            check_spec(self.dataset, self.test_path)  # the files exist and can be read
         except DataError as error:
             raise ConfigError(str(error)) from None
         _choice("eval-split", self.eval_split, EVAL_SPLITS)
