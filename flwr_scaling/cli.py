@@ -9,7 +9,7 @@ import time
 from dataclasses import fields, replace
 from pathlib import Path
 
-from .config import ConfigError, RunConfig, check_output_folder, load_toml
+from .config import STRATEGIES, ConfigError, RunConfig, check_output_folder, load_toml
 from .rules import RULES
 from .training import MODES
 
@@ -17,7 +17,7 @@ DEFAULT_COMPARE = ("fedavg", "savic-adam-global", "savic-adam-local", "savic-oas
 COMPARE_FIXED = {"strategy", "precond", "precond_mode", "lr", "out"}  # set per configuration
 
 HELP = {
-    "strategy": "fedavg (plain Local SGD) or savic (scaled Local SGD). Default: savic",
+    "strategy": "savic (scaled Local SGD), fedavg (Local SGD), or a baseline: fedadam, fedyogi, fedadagrad, fedprox, local-adam. Default: savic",
     "precond": "scaling rule: identity, adagrad, rmsprop, adam, oasis. Default: adam (savic), identity (fedavg)",
     "precond_mode": "global (D̂ fixed within a round) or local (clients adapt D̂ every step). Default: global",
     "precond_beta": "moving-average factor of the state (rmsprop, adam, oasis), in [0, 1). Default: 0.99",
@@ -28,7 +28,12 @@ HELP = {
     "adam_beta1": "first-moment factor of adam, in [0, 1). Default: 0.9",
     "momentum": "heavy-ball momentum on g/D̂, in [0, 1). Default: 0 (the paper has none)",
     "lr": "client step size γ. Default: tuned per method (README, Defaults)",
-    "server_lr": "server step size η (1 = FedAvg). Default: 1",
+    "server_lr": "server step size η (1 = FedAvg). Default: 1; 0.1 for fedadam, fedyogi, fedadagrad",
+    "server_tau": "τ, the adaptivity of fedadam/fedyogi/fedadagrad. Default: 1e-3",
+    "proximal_mu": "μ of fedprox's proximal term μ/2 ||x - x_round||². Default: 0.01",
+    "partitioner": "dirichlet (by --dirichlet-alpha), iid, or shard (--shard-classes labels per client). Default: dirichlet",
+    "shard_classes": "labels per client with --partitioner shard. Default: 2",
+    "client_eval_every": "every K rounds, clients evaluate the model on their own held-out part (0: never). Default: 0",
     "local_epochs": "local epochs per round. Default: 1",
     "batch_size": "client batch size. Default: 32",
     "rounds": "number of rounds. Default: 30",
@@ -92,14 +97,15 @@ def _given(args: argparse.Namespace, skip: set[str] = frozenset()) -> dict[str, 
 
 
 def parse_label(label: str) -> dict[str, str]:
-    """``fedavg`` or ``savic-<rule>-<mode>`` -> run options."""
-    if label == "fedavg":
-        return {"strategy": "fedavg"}
+    """``fedavg`` (or another baseline) or ``savic-<rule>-<mode>`` -> run options."""
+    if label in STRATEGIES and label != "savic":
+        return {"strategy": label}
     parts = label.split("-")
     if len(parts) == 3 and parts[0] == "savic" and parts[1] in RULES and parts[2] in MODES:
         return {"strategy": "savic", "precond": parts[1], "precond-mode": parts[2]}
     examples = ", ".join(DEFAULT_COMPARE)
-    raise ConfigError(f"unknown configuration {label!r}; use fedavg or savic-<{'|'.join(RULES)}>-<global|local>, e.g. {examples}")
+    baselines = "|".join(s for s in STRATEGIES if s != "savic")
+    raise ConfigError(f"unknown configuration {label!r}; use {baselines} or savic-<{'|'.join(RULES)}>-<global|local>, e.g. {examples}")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -20,7 +20,11 @@ from .models import MODELS
 from .rules import RULES
 from .training import MODES
 
-STRATEGIES = ("fedavg", "savic")
+STRATEGIES = ("fedavg", "savic", "fedadam", "fedyogi", "fedadagrad", "fedprox", "local-adam")
+# Baselines: the client runs plain SGD (local-adam: torch Adam from a fresh
+# state every round) and never a preconditioner.
+SERVER_OPTIMIZERS = ("fedadam", "fedyogi", "fedadagrad")  # Flower's FedOpt family (Reddi et al. 2020)
+PARTITIONERS = ("dirichlet", "iid", "shard")
 INITS = ("warmup", "ones")
 
 # Examples in the bundled scikit-learn datasets (fixed; tests/test_config.py
@@ -48,6 +52,9 @@ DEFAULT_LR = {
     ("oasis", "global"): 0.03,
     ("oasis", "local"): 0.03,
 }
+# Baselines' client step sizes: those of the measured baselines in the design
+# notes (targets.md), not tuned here yet.
+BASELINE_LR = {"fedadam": 0.05, "fedyogi": 0.05, "fedadagrad": 0.05, "fedprox": 0.4, "local-adam": 0.01}
 DEFAULT_ALPHA = {"identity": 1e-3, "adagrad": 1e-3, "rmsprop": 1e-3, "adam": 1e-3, "oasis": 0.1}
 
 
@@ -70,13 +77,17 @@ class RunConfig:
     adam_beta1: float = 0.9
     momentum: float = 0.0
     lr: float | None = None
-    server_lr: float = 1.0
+    server_lr: float | None = None
+    server_tau: float = 1e-3
+    proximal_mu: float = 0.01
     local_epochs: int = 1
     batch_size: int = 32
     rounds: int = 30
     num_clients: int = 10
     clients_per_round: int | None = None
     dirichlet_alpha: float = 0.5
+    partitioner: str = "dirichlet"
+    shard_classes: int = 2
     dataset: str = "digits"
     label_column: str = "label"
     test_path: str = ""
@@ -87,6 +98,7 @@ class RunConfig:
     wait_for_nodes_s: float = 60.0
     min_successful_clients: int = 1
     checkpoint_every: int = 1
+    client_eval_every: int = 0
 
     # ------------------------------------------------------------------ keys
     @staticmethod
@@ -120,13 +132,14 @@ class RunConfig:
     def resolved(self) -> RunConfig:
         """Fill every ``None`` with its documented default; validate first."""
         self.validate()
-        precond = self.precond or ("identity" if self.strategy == "fedavg" else "adam")
+        precond = self.precond or ("adam" if self.strategy == "savic" else "identity")
         model = self.model or ("cnn" if _is_image(self.dataset) else "logreg")
         return replace(
             self,
             precond=precond,
             precond_alpha=self.precond_alpha if self.precond_alpha is not None else DEFAULT_ALPHA[precond],
-            lr=self.lr if self.lr is not None else DEFAULT_LR[(precond, self.precond_mode)],
+            lr=self.lr if self.lr is not None else BASELINE_LR.get(self.strategy, DEFAULT_LR[(precond, self.precond_mode)]),
+            server_lr=self.server_lr if self.server_lr is not None else (0.1 if self.strategy in SERVER_OPTIMIZERS else 1.0),
             clients_per_round=self.clients_per_round or self.num_clients,
             model=model,
             out=self.out or f"runs/{self.label(precond)}",
@@ -142,8 +155,10 @@ class RunConfig:
 
     def label(self, precond: str | None = None) -> str:
         """A short name for plots and folders, e.g. ``savic-adam-global``."""
-        precond = precond or self.precond or ("identity" if self.strategy == "fedavg" else "adam")
-        if self.strategy == "fedavg" or precond == "identity":
+        precond = precond or self.precond or ("adam" if self.strategy == "savic" else "identity")
+        if self.strategy != "savic":
+            return self.strategy
+        if precond == "identity":
             return "fedavg"
         return f"savic-{precond}-{self.precond_mode}"
 
@@ -155,9 +170,9 @@ class RunConfig:
         _choice("strategy", self.strategy, STRATEGIES)
         if self.precond is not None:
             _choice("precond", self.precond, RULES)
-            if self.strategy == "fedavg" and self.precond != "identity":
+            if self.strategy != "savic" and self.precond != "identity":
                 raise ConfigError(
-                    f"strategy 'fedavg' is plain Local SGD and takes no preconditioner; "
+                    f"strategy {self.strategy!r} is a baseline and takes no preconditioner; "
                     f"use --strategy savic with --precond {self.precond}"
                 )
         _choice("precond-mode", self.precond_mode, MODES)
@@ -187,6 +202,11 @@ class RunConfig:
         _positive("precond-alpha", self.precond_alpha)
         _positive("lr", self.lr)
         _positive("server-lr", self.server_lr)
+        _positive("server-tau", self.server_tau)
+        _range("proximal-mu", self.proximal_mu, 0.0, math.inf, high_open=True)
+        _choice("partitioner", self.partitioner, PARTITIONERS)
+        _at_least("shard-classes", self.shard_classes, 1)
+        _at_least("client-eval-every", self.client_eval_every, 0)
         _positive("dirichlet-alpha", self.dirichlet_alpha)
         for name in ("precond-probes", "warmup-batches", "local-epochs", "batch-size", "rounds"):
             _at_least(name, getattr(self, name.replace("-", "_")), 1)

@@ -128,7 +128,7 @@ CASES = [
     run("seed-hex", "--seed", "0x10", expect="seed must be an integer, got '0x10'"),
     # ----------------------------------------------------------- combinations
     run("fedavg-with-adam", "--strategy", "fedavg", "--precond", "adam",
-        expect="strategy 'fedavg' is plain Local SGD and takes no preconditioner"),
+        expect="strategy 'fedavg' is a baseline and takes no preconditioner; use --strategy savic with --precond adam"),
     run("cnn-on-wine", "--model", "cnn", "--dataset", "wine", expect="model 'cnn' needs image data"),
     run("too-many-clients-for-split", "--num-clients", "200", "--dirichlet-alpha", "0.05",
         expect="cannot give every client 10 examples"),

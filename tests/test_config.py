@@ -264,7 +264,8 @@ def test_every_option_is_checked():
            "server_lr": 0.0, "precond_alpha": 0.0, "precond_beta": 1.0, "adam_beta1": 1.0, "momentum": 1.0,
            "dirichlet_alpha": 0.0, "wait_for_nodes_s": 0.0, "strategy": "x", "precond": "x", "precond_mode": "x",
            "precond_init": "x", "dataset": "x", "eval_split": "x", "model": "x", "out": "\0", "label_column": "",
-           "test_path": "missing.csv"}
+           "test_path": "missing.csv", "server_tau": 0.0, "proximal_mu": -1.0, "partitioner": "x", "shard_classes": 0,
+           "client_eval_every": -1}
     for name, value in bad.items():
         with pytest.raises(ConfigError):
             replace(RunConfig(), **{name: value}).validate()
