@@ -131,6 +131,14 @@ def build_parser() -> argparse.ArgumentParser:
     sweep.add_argument("file", help="sweep file: [base] options and [grid] lists (see README, Sweeps)")
     sweep.add_argument("--out", help="output folder. Default: the file's 'out', else runs/<file stem>")
     sweep.add_argument("--dry-run", action="store_true", help="check the file and list the runs; run nothing")
+    deploy = sub.add_parser("deploy-local", help="run on a real SuperLink and N real SuperNodes on this machine",
+                            allow_abbrev=False)
+    deploy.add_argument("--nodes", default="2", help="number of SuperNodes (each one client). Default: 2")
+    deploy.add_argument("--insecure", action="store_true",
+                        help="no TLS and no node authentication (default: TLS with a fresh CA, registered node keys)")
+    deploy.add_argument("--workdir", help="folder for certificates, keys, logs and Flower's home. Default: OUT/deploy")
+    deploy.add_argument("--config", help="TOML file of run options; command-line options override it")
+    _add_run_options(deploy, skip={"num_clients"})
     report = sub.add_parser("report", help="rebuild a sweep's tables and plots from its results (runs nothing)")
     report.add_argument("dir", help="the sweep's output folder")
     return parser
@@ -232,7 +240,23 @@ def _report(args: argparse.Namespace) -> None:
     print(f"tables and plots rebuilt in {args.dir}/")
 
 
-COMMANDS = {"run": _run, "compare": _compare, "sweep": _sweep, "report": _report}
+def _deploy_local(args: argparse.Namespace) -> None:
+    from .deploy import deploy_local
+
+    try:
+        nodes = int(args.nodes)
+    except ValueError:
+        raise ConfigError(f"--nodes must be an integer, got {args.nodes!r}") from None
+    if nodes < 1:
+        raise ConfigError(f"--nodes must be >= 1, got {nodes}")
+    cfg = RunConfig.from_mapping({**_given(args, skip={"num_clients"}), "num-clients": nodes}).resolved()
+    check_output_folder(cfg.out)
+    workdir = Path(args.workdir) if args.workdir else Path(cfg.out) / "deploy"
+    out = deploy_local(cfg, nodes, workdir, secure=not args.insecure)
+    print(f"deployment run done; results in {out}/ (config.json, metrics.csv); logs in {workdir}/")
+
+
+COMMANDS = {"run": _run, "compare": _compare, "sweep": _sweep, "report": _report, "deploy-local": _deploy_local}
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -14,7 +14,7 @@ from collections.abc import Mapping
 from dataclasses import asdict, dataclass, fields, replace
 from typing import Any
 
-from .data import EVAL_SPLITS, MIN_PARTITION_SIZE, TEST_FRACTION, DataSpec, PartitionSpec
+from .data import EVAL_SPLITS, MIN_PARTITION_SIZE, PARTITIONERS, TEST_FRACTION, DataSpec, PartitionSpec
 from .sources import BUNDLED, FILE_KINDS, DataError, check_spec
 from .models import MODELS
 from .rules import RULES
@@ -24,7 +24,6 @@ STRATEGIES = ("fedavg", "savic", "fedadam", "fedyogi", "fedadagrad", "fedprox", 
 # Baselines: the client runs plain SGD (local-adam: torch Adam from a fresh
 # state every round) and never a preconditioner.
 SERVER_OPTIMIZERS = ("fedadam", "fedyogi", "fedadagrad")  # Flower's FedOpt family (Reddi et al. 2020)
-PARTITIONERS = ("dirichlet", "iid", "shard")
 INITS = ("warmup", "ones")
 
 # Examples in the bundled scikit-learn datasets (fixed; tests/test_config.py
@@ -151,7 +150,9 @@ class RunConfig:
 
     def partition_spec(self) -> PartitionSpec:
         """What ``data.load_partition`` needs from this configuration."""
-        return PartitionSpec(self.data_spec(), self.num_clients, self.dirichlet_alpha)
+        return PartitionSpec(
+            self.data_spec(), self.num_clients, self.dirichlet_alpha, self.partitioner, self.shard_classes
+        )
 
     def label(self, precond: str | None = None) -> str:
         """A short name for plots and folders, e.g. ``savic-adam-global``."""
@@ -194,7 +195,8 @@ class RunConfig:
         _choice("eval-split", self.eval_split, EVAL_SPLITS)
         if self.model is not None:
             _choice("model", self.model, MODELS)
-            if self.model == "cnn" and not _is_image(self.dataset):
+            # hf: datasets may hold images; only loading them tells (a CNN on tables fails then, in one line).
+            if self.model == "cnn" and not _is_image(self.dataset) and not self.dataset.startswith("hf:"):
                 raise ConfigError(f"model 'cnn' needs image data; dataset {self.dataset!r} is tabular: use --model mlp or logreg")
         _range("precond-beta", self.precond_beta, 0.0, 1.0, high_open=True)
         _range("adam-beta1", self.adam_beta1, 0.0, 1.0, high_open=True)

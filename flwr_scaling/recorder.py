@@ -23,6 +23,9 @@ COLUMNS = (
     "precond_max",
     "clients_ok",
     "clients_failed",
+    "client_acc_mean",
+    "client_acc_std",
+    "client_acc_worst10",
 )
 
 
@@ -37,7 +40,8 @@ def read_metrics(path: str | Path) -> list[dict[str, float]]:
     """``metrics.csv`` as a list of rows of floats (``round`` as int)."""
     with open(path, newline="", encoding="utf-8") as handle:
         rows = list(csv.DictReader(handle))
-    return [{k: (int(v) if k == "round" else float(v)) for k, v in row.items()} for row in rows]
+    # Blank cells (e.g. client accuracy in rounds without client evaluation) read as NaN.
+    return [{k: (int(v) if k == "round" else float(v) if v != "" else float("nan")) for k, v in row.items()} for row in rows]
 
 
 class RunRecorder:

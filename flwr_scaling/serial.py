@@ -16,7 +16,7 @@ import numpy as np
 from .aggregation import next_model, next_state, warmup_state
 from .arrays import numpy_to_torch, torch_to_numpy, weighted_average
 from .clients.logic import client_partition, local_round, local_statistic
-from .config import RunConfig
+from .config import SERVER_OPTIMIZERS, RunConfig
 from .data import load_federated_data
 from .rules import diagonal_bounds, get_rule
 from .seeding import derived_seed, initial_model
@@ -50,6 +50,11 @@ def run_serial(config: RunConfig, exclude: frozenset[int] = frozenset()) -> tupl
     sampler = random.Random(derived_seed(cfg.seed, 0x5A))
     global_arrays = torch_to_numpy(model.state_dict())
     state = None
+    server_step = None
+    if cfg.strategy in SERVER_OPTIMIZERS:  # Flower's own FedAdam / FedYogi / FedAdagrad update
+        from .strategies.baselines import FlowerServerStep
+
+        server_step = FlowerServerStep(cfg.strategy, eta=cfg.server_lr, tau=cfg.server_tau, eta_l=cfg.lr)
     rows = []
     for server_round in range(1, cfg.rounds + 1):
         start = time.perf_counter()
@@ -61,7 +66,11 @@ def run_serial(config: RunConfig, exclude: frozenset[int] = frozenset()) -> tupl
         weights = [len(partitions[pid]) for pid in chosen]
         low, high = diagonal_bounds(rule.diagonal(state, cfg.precond_alpha)) if state is not None else (1.0, 1.0)
         replies = [local_round(cfg, partitions[pid], global_arrays, state, server_round, pid) for pid in chosen]
-        global_arrays = next_model(global_arrays, weighted_average([r.arrays for r in replies], weights), cfg.server_lr)
+        average = weighted_average([r.arrays for r in replies], weights)
+        if server_step is not None:
+            global_arrays = server_step.step(server_round, global_arrays, average)
+        else:
+            global_arrays = next_model(global_arrays, average, cfg.server_lr)
         if rule.has_state:
             state = next_state(rule, cfg.precond_mode, state, [r.payload for r in replies], weights, cfg.precond_beta)
         model.load_state_dict(numpy_to_torch(global_arrays))

@@ -14,11 +14,12 @@ from flwr.serverapp import Grid, ServerApp
 
 from .checkpoint import Checkpoint, save_checkpoint
 from .arrays import numpy_to_record, numpy_to_torch, record_to_numpy, torch_to_numpy
-from .config import ConfigError, RunConfig
+from .config import SERVER_OPTIMIZERS, ConfigError, RunConfig
 from .data import load_federated_data
 from .recorder import RunRecorder
 from .seeding import derived_seed, initial_model
 from .strategies import Savic
+from .strategies.baselines import ServerOptimizer
 from .training import evaluate
 
 
@@ -26,14 +27,20 @@ NODE_INFO_MESSAGE_TYPE = f"{MessageType.QUERY}.node_info"
 
 
 def make_strategy(cfg: RunConfig) -> Savic:
-    """The strategy for a resolved configuration (``fedavg`` is SAVIC with identity scaling)."""
-    return Savic(
+    """The strategy for a resolved configuration.
+
+    ``savic`` and ``fedavg`` (SAVIC with identity scaling) as configured;
+    ``fedprox`` and ``local-adam`` are FedAvg on the server (their difference
+    is on the clients); ``fedadam``, ``fedyogi`` and ``fedadagrad`` are FedAvg
+    followed by Flower's own server-optimizer step (eta = server-lr,
+    tau = server-tau, Flower's beta_1 = 0.9 and beta_2 = 0.99).
+    """
+    common = dict(
         precond=cfg.precond,
         precond_mode=cfg.precond_mode,
         precond_beta=cfg.precond_beta,
         precond_alpha=cfg.precond_alpha,
         precond_init=cfg.precond_init,
-        server_lr=cfg.server_lr,
         min_successful_clients=cfg.min_successful_clients,
         sampling_seed=derived_seed(cfg.seed, 0x5A),
         fraction_train=cfg.clients_per_round / cfg.num_clients,
@@ -41,6 +48,9 @@ def make_strategy(cfg: RunConfig) -> Savic:
         min_train_nodes=cfg.clients_per_round,
         min_available_nodes=cfg.num_clients,
     )
+    if cfg.strategy in SERVER_OPTIMIZERS:
+        return ServerOptimizer(optimizer=cfg.strategy, eta=cfg.server_lr, tau=cfg.server_tau, eta_l=cfg.lr, **common)
+    return Savic(server_lr=cfg.server_lr, **common)
 
 
 def wait_for_nodes(grid: Grid, needed: int, timeout_s: float) -> None:
@@ -83,6 +93,8 @@ def run_server(grid: Grid, config: RunConfig, resume: Checkpoint | None = None) 
     test_x, test_y = data.test.tensors()
     strategy = make_strategy(cfg)
     strategy.node_order = describe_nodes(grid, flower_config, cfg.wait_for_nodes_s)
+    strategy.client_eval_every = cfg.client_eval_every
+    strategy.node_wait_s = cfg.wait_for_nodes_s
     recorder = RunRecorder(cfg.out, flower_config, cfg.label())
     done = 0
     initial = torch_to_numpy(model.state_dict())
@@ -119,6 +131,7 @@ def run_server(grid: Grid, config: RunConfig, resume: Checkpoint | None = None) 
             initial_arrays=numpy_to_record(initial),
             num_rounds=cfg.rounds - done,
             train_config=ConfigRecord(flower_config),
+            evaluate_config=ConfigRecord(flower_config),
             evaluate_fn=evaluate_fn,
         )
     return strategy

@@ -18,4 +18,5 @@ def train_settings(config: RunConfig) -> TrainSettings:
         adam_beta1=cfg.adam_beta1,
         momentum=cfg.momentum,
         num_probes=cfg.precond_probes,
+        proximal_mu=cfg.proximal_mu if cfg.strategy == "fedprox" else 0.0,
     )

@@ -47,6 +47,10 @@ class TrainSettings:
         Heavy-ball momentum on ``g / D̂`` (the paper has none).
     num_probes : int (default: 1)
         Hutchinson probes per step for ``oasis``.
+    proximal_mu : float (default: 0.0)
+        FedProx's μ: the client minimises ``f(x) + μ/2·‖x − x_round‖²``, x_round
+        being the model the round started from; its gradient ``μ(x − x_round)``
+        is added to ``g`` before scaling. 0 leaves training unchanged.
     """
 
     rule: str = "adam"
@@ -58,6 +62,7 @@ class TrainSettings:
     adam_beta1: float = 0.9
     momentum: float = 0.0
     num_probes: int = 1
+    proximal_mu: float = 0.0
 
 
 @dataclass
@@ -210,6 +215,8 @@ def train_scaled(
     first_moment = [torch.zeros_like(p) for p in params] if rule.first_moment else None
     velocity = [torch.zeros_like(p) for p in params] if settings.momentum else None
     need_graph = rule.statistic == STAT_HUTCHINSON
+    # FedProx: the round's starting model x_round (the model the server sent).
+    anchor = [p.detach().clone() for p in params] if settings.proximal_mu else None
 
     steps, loss_sum, num_examples = 0, 0.0, 0
     model.train()
@@ -232,6 +239,8 @@ def train_scaled(
             with torch.no_grad():
                 for i, (param, grad) in enumerate(zip(params, grads, strict=True)):
                     direction = grad.detach()
+                    if anchor is not None:
+                        direction = direction + settings.proximal_mu * (param - anchor[i])
                     if first_moment is not None:
                         first_moment[i].mul_(settings.adam_beta1).add_(direction, alpha=1 - settings.adam_beta1)
                         direction = first_moment[i] / (1 - settings.adam_beta1**steps)
@@ -254,6 +263,39 @@ def train_scaled(
         train_loss=loss_sum / steps,
         precond_min=low,
         precond_max=high,
+    )
+
+
+def train_local_adam(
+    model: nn.Module,
+    loader: Iterable[tuple[torch.Tensor, torch.Tensor]],
+    settings: TrainSettings,
+) -> TrainResult:
+    """The Local Adam baseline: ``torch.optim.Adam`` (lr = ``settings.lr``, default
+    betas and eps) from a fresh state, for ``local_epochs`` epochs, in place on ``model``.
+
+    Nothing but the model leaves the client (no preconditioner exchange).
+    """
+    params = list(trainable_parameters(model).values())
+    optimizer = torch.optim.Adam(params, lr=settings.lr)
+    steps, loss_sum, num_examples = 0, 0.0, 0
+    model.train()
+    for epoch in range(settings.local_epochs):
+        for x, y in loader:
+            steps += 1
+            if epoch == 0:
+                num_examples += len(y)
+            loss, grads = _loss_and_gradients(model, params, x, y, create_graph=False)
+            for param, grad in zip(params, grads, strict=True):
+                param.grad = grad.detach()
+            optimizer.step()
+            loss_sum += float(loss.detach())
+    optimizer.zero_grad(set_to_none=True)  # the model object is reused next round
+    if steps == 0:
+        raise ValueError("the data loader yielded no batch: the client has no data")
+    return TrainResult(
+        statistic=None, state=None, num_steps=steps, num_examples=num_examples,
+        train_loss=loss_sum / steps, precond_min=1.0, precond_max=1.0,
     )
 
 

@@ -14,6 +14,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 import pytest
@@ -71,6 +72,10 @@ def _kill_processes_with_env(marker: str) -> None:
             continue
 
 
+def _has_rows(path: Path, count: int) -> bool:
+    return path.exists() and len(read_rows(path)) >= count
+
+
 def test_flwr_run_dot(tmp_path):
     home = tmp_path / "flwr-home"
     home.mkdir()
@@ -90,6 +95,11 @@ def test_flwr_run_dot(tmp_path):
              "-c", f"rounds=2 num-clients=3 precond='rmsprop' out='{out}'"],
             capture_output=True, text=True, timeout=400, cwd=ROOT, env=env,
         )
+        # `flwr run --stream` can return while the detached SuperLink still
+        # finishes the last round on a busy machine: wait for it, not for the log.
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline and not _has_rows(out / "metrics.csv", 2):
+            time.sleep(0.5)
     finally:
         _kill_processes_with_env(f"FLWR_HOME={home}")
         shutil.rmtree(ray_tmp, ignore_errors=True)
@@ -99,3 +109,18 @@ def test_flwr_run_dot(tmp_path):
     rows = read_rows(out / "metrics.csv")
     assert [r["round"] for r in rows] == ["1", "2"]
     assert json.loads((out / "config.json").read_text())["precond"] == "rmsprop"
+
+
+def test_client_evaluation_every_second_round(tmp_path):
+    out = tmp_path / "eval"
+    proc = subprocess.run(
+        [str(BIN / "flwr-scaling"), "run", "--num-clients", "3", "--rounds", "2", "--client-eval-every", "2",
+         "--out", str(out)],
+        capture_output=True, text=True, timeout=300, cwd=tmp_path,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = read_rows(out / "metrics.csv")
+    assert rows[0]["client_acc_mean"] == ""  # round 1: no client evaluation
+    mean, std, worst = (float(rows[1][k]) for k in ("client_acc_mean", "client_acc_std", "client_acc_worst10"))
+    assert 0.0 <= worst <= mean <= 1.0 and std >= 0.0
+    assert rows[1]["clients_ok"] == "3"

@@ -11,7 +11,7 @@ import math
 
 import numpy as np
 import pytest
-from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord
+from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
 from flwr.serverapp.exception import InconsistentMessageReplies
 from flwr.serverapp.strategy import FedAvg
 from flwr.supercore.task_identity import TaskIdentity
@@ -629,3 +629,44 @@ def test_reply_with_different_metric_keys_is_rejected():
     arrays, metrics = strategy.aggregate_train(1, good_replies(messages) + [bad])
     assert metrics["clients-failed"] == 1
     assert_arrays(arrays, X_AVG)
+
+
+# ------------------------------------------------------------ client evaluation
+def test_client_evaluation_every_k_rounds_summarises_accuracies():
+    strategy = make(precond="adam", client_eval_every=2)
+    grid = FakeGrid((A, B, C), {})
+    assert list(strategy.configure_evaluate(1, record(X0), ConfigRecord({}), grid)) == []
+    messages = by_node(strategy.configure_evaluate(2, record(X0), ConfigRecord({}), grid))
+    assert set(messages) == {A, B, C} and all(m.metadata.message_type == MessageType.EVALUATE for m in messages.values())
+    replies = [
+        Message(RecordDict({"metrics": MetricRecord({"num-examples": 5, "eval_accuracy": acc})}), reply_to=messages[node])
+        for node, acc in ((A, 0.5), (B, 0.9), (C, 0.7))
+    ] + [error_reply(messages[A])]
+    metrics = strategy.aggregate_evaluate(2, replies)
+    # mean 0.7; population std sqrt((0.2² + 0.2² + 0²) / 3); worst 10 % of 3 clients = the single worst
+    assert metrics["client-acc-mean"] == pytest.approx(0.7)
+    assert metrics["client-acc-std"] == pytest.approx(math.sqrt(0.08 / 3))
+    assert metrics["client-acc-worst10"] == pytest.approx(0.5)
+    assert strategy.history[2]["clients_evaluated"] == 3
+
+
+def test_round_goes_on_with_the_connected_nodes_after_node_wait_s():
+    strategy = make(precond="identity", min_available_nodes=3, min_train_nodes=3)
+    strategy.node_wait_s = 0.0  # a node dropped out: do not wait for it
+    messages = by_node(strategy.configure_train(1, record(X0), ConfigRecord({}), FakeGrid((A, B), {})))
+    assert set(messages) == {A, B}
+
+
+def test_without_node_wait_s_the_sampler_waits_like_flowers(monkeypatch):
+    strategy = make(precond="identity", min_available_nodes=3, min_train_nodes=3)
+    naps = []
+
+    def nap(seconds):
+        naps.append(seconds)
+        if len(naps) == 3:
+            raise TimeoutError("still waiting")
+
+    monkeypatch.setattr("flwr_scaling.strategies.savic.time.sleep", nap)
+    with pytest.raises(TimeoutError):
+        list(strategy.configure_train(1, record(X0), ConfigRecord({}), FakeGrid((A, B), {})))
+    assert len(naps) == 3

@@ -14,7 +14,8 @@ from flwr.clientapp import ClientApp
 from ..arrays import numpy_to_record, record_to_numpy
 from ..config import ConfigError, RunConfig
 from ..training import evaluate as evaluate_model
-from .logic import _loaded_model, client_partition, local_round, local_statistic
+from . import node_data
+from .logic import _loaded_model, local_round, local_statistic
 
 app = ClientApp()
 
@@ -25,15 +26,8 @@ def _config(message: Message) -> RunConfig:
 
 
 def _partition_id(context: Context, cfg: RunConfig) -> int:
-    node = context.node_config
-    if "partition-id" not in node:
-        raise ConfigError("this SuperNode has no 'partition-id' in its node config; start it with --node-config \"partition-id=0 num-partitions=N\"")
-    partitions = int(node.get("num-partitions", cfg.num_clients))
-    if partitions != cfg.num_clients:
-        raise ConfigError(
-            f"the node config says num-partitions={partitions} but the run has num-clients={cfg.num_clients}; make them equal"
-        )
-    return int(node["partition-id"])
+    """This node's rank and seed (see ``node_data``: a demo partition or the node's own file)."""
+    return node_data.node_key(context.node_config, cfg)
 
 
 @app.train()
@@ -45,7 +39,7 @@ def train(message: Message, context: Context) -> Message:
     state = record_to_numpy(content["precond"]) if "precond" in content.array_records else None
     result = local_round(
         cfg,
-        client_partition(cfg, partition_id),
+        node_data.train_split(context.node_config, cfg),
         record_to_numpy(content["arrays"]),
         state,
         int(content["config"]["server-round"]),
@@ -67,7 +61,7 @@ def precond_stats(message: Message, context: Context) -> Message:
     """The warm-up: this node's statistic at the initial model, no training."""
     cfg = _config(message)
     partition_id = _partition_id(context, cfg)
-    split = client_partition(cfg, partition_id)
+    split = node_data.train_split(context.node_config, cfg)
     statistic = local_statistic(cfg, split, record_to_numpy(message.content["arrays"]), partition_id)
     reply = RecordDict({"stats": numpy_to_record(statistic), "metrics": MetricRecord({"num-examples": len(split)})})
     return Message(content=reply, reply_to=message)
@@ -83,10 +77,10 @@ def node_info(message: Message, context: Context) -> Message:
 
 @app.evaluate()
 def evaluate(message: Message, context: Context) -> Message:
-    """Loss and accuracy of the global model on this node's partition."""
+    """Loss and accuracy of the global model on this node's held-out data (see client-eval-every)."""
     cfg = _config(message)
     partition_id = _partition_id(context, cfg)
-    split = client_partition(cfg, partition_id)
+    split = node_data.eval_split(context.node_config, cfg)
     model = _loaded_model(cfg, record_to_numpy(message.content["arrays"]))
     loss, accuracy = evaluate_model(model, *split.tensors())
     metrics = MetricRecord({"num-examples": len(split), "eval_loss": loss, "eval_accuracy": accuracy})

@@ -13,9 +13,9 @@ from ..arrays import numpy_to_torch, torch_to_numpy
 from ..config import RunConfig
 from ..data import Split, load_federated_data, load_partition, make_loader
 from ..models import build_model
-from ..seeding import client_streams
+from ..seeding import client_streams, derived_seed
 from ..settings import train_settings
-from ..training import compute_statistic, train_scaled
+from ..training import compute_statistic, train_local_adam, train_scaled
 
 NumpyArrays = dict[str, np.ndarray]
 
@@ -30,8 +30,27 @@ class LocalRound:
     train_loss: float
 
 
+CLIENT_EVAL_FRACTION = 0.2
+
+
+def _split_for_eval(split: Split, seed: int, partition_id: int) -> tuple[Split, Split]:
+    """A seeded 80/20 split of a client's data into training and held-out parts."""
+    order = np.random.default_rng(derived_seed(seed, partition_id, 0xE7A1)).permutation(len(split))
+    held_out = max(1, int(round(CLIENT_EVAL_FRACTION * len(split))))
+    train, evaluation = np.sort(order[held_out:]), np.sort(order[:held_out])
+    return (Split(split.features[train], split.labels[train]), Split(split.features[evaluation], split.labels[evaluation]))
+
+
 def client_partition(cfg: RunConfig, partition_id: int) -> Split:
-    return load_partition(cfg.partition_spec(), partition_id)
+    """The data this client trains on: its whole partition, or 80 % of it with client evaluation on."""
+    split = load_partition(cfg.partition_spec(), partition_id)
+    return _split_for_eval(split, cfg.seed, partition_id)[0] if cfg.client_eval_every else split
+
+
+def client_eval_partition(cfg: RunConfig, partition_id: int) -> Split:
+    """The client's held-out 20 % (client evaluation on), else its whole partition."""
+    split = load_partition(cfg.partition_spec(), partition_id)
+    return _split_for_eval(split, cfg.seed, partition_id)[1] if cfg.client_eval_every else split
 
 
 @lru_cache(maxsize=4)
@@ -54,7 +73,11 @@ def local_round(
     model = _loaded_model(cfg, arrays)
     loader_seed, probes = client_streams(cfg.seed, server_round, partition_id)
     loader = make_loader(split, cfg.batch_size, loader_seed)
-    result = train_scaled(model, loader, train_settings(cfg), numpy_to_torch(state) if state is not None else None, probes)
+    settings = train_settings(cfg)
+    if cfg.strategy == "local-adam":  # torch Adam from a fresh state; no preconditioner
+        result = train_local_adam(model, loader, settings)
+    else:  # scaled Local SGD; plain SGD for the baselines (rule identity), with FedProx's term for fedprox
+        result = train_scaled(model, loader, settings, numpy_to_torch(state) if state is not None else None, probes)
     payload = result.statistic if result.statistic is not None else result.state
     return LocalRound(
         arrays=torch_to_numpy(model.state_dict()),

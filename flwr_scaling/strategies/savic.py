@@ -61,6 +61,10 @@ class Savic(FedAvg):
         preconditioner unchanged and is recorded as failed.
     sampling_seed : int | None (default: None)
         Seed of the client sampler (Flower's default sampler is unseeded).
+    client_eval_every : int (default: 0)
+        Every that many rounds, every connected node evaluates the global model
+        on its own held-out data; the round's history gets the mean, standard
+        deviation and worst-10 % mean of the clients' accuracies. 0: never.
     fraction_train : float (default: 1.0)
         Fraction of nodes sampled for training.
     fraction_evaluate : float (default: 0.0)
@@ -98,6 +102,7 @@ class Savic(FedAvg):
         server_lr: float = 1.0,
         min_successful_clients: int = 1,
         sampling_seed: int | None = None,
+        client_eval_every: int = 0,
         fraction_train: float = 1.0,
         fraction_evaluate: float = 0.0,
         min_train_nodes: int = 2,
@@ -140,6 +145,10 @@ class Savic(FedAvg):
         self.precond_init = precond_init
         self.server_lr = server_lr
         self.min_successful_clients = min_successful_clients
+        self.client_eval_every = client_eval_every
+        # Seconds a round waits for missing nodes before it goes on without
+        # them; None waits forever, as Flower's own sampler does.
+        self.node_wait_s: float | None = None
         self.precond_key = precond_key
         self.stats_key = stats_key
         self.precond_state: dict[str, np.ndarray] | None = None
@@ -240,6 +249,43 @@ class Savic(FedAvg):
                 metrics[key.replace("_", "-")] = value
         return arrays, metrics
 
+    def configure_evaluate(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
+        """Every ``client_eval_every`` rounds, all nodes evaluate the model on their held-out data."""
+        true_round = server_round + self.round_offset
+        if not self.client_eval_every or true_round % self.client_eval_every:
+            return []
+        config["server-round"] = true_round
+        nodes = sorted(grid.get_node_ids(), key=lambda node: (self.node_order.get(node, float("inf")), node))
+        record = RecordDict({self.arrayrecord_key: arrays, self.configrecord_key: config})
+        return self._construct_messages(record, nodes, MessageType.EVALUATE)
+
+    def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
+        """Mean, standard deviation and worst-10 % mean of the clients' accuracies."""
+        true_round = server_round + self.round_offset
+        accuracies = []
+        for message in replies:
+            if message.has_error():
+                log(WARNING, "Client evaluation failed on node %s: %s", message.metadata.src_node_id, message.error.reason)
+                continue
+            metrics = next(iter(message.content.metric_records.values()), {})
+            value = metrics.get("eval_accuracy")
+            if isinstance(value, int | float) and np.isfinite(value):
+                accuracies.append(float(value))
+        if not accuracies:
+            return None
+        ranked = np.sort(np.asarray(accuracies))
+        worst = ranked[: max(1, int(np.ceil(0.1 * len(ranked))))]
+        summary = {
+            "client_acc_mean": float(ranked.mean()),
+            "client_acc_std": float(ranked.std()),
+            "client_acc_worst10": float(worst.mean()),
+            "clients_evaluated": len(ranked),
+        }
+        self.history.setdefault(true_round, {}).update(summary)
+        return MetricRecord({key.replace("_", "-"): value for key, value in summary.items()})
+
     # -------------------------------------------------------------- helpers
     @property
     def sampler_state(self):
@@ -260,14 +306,26 @@ class Savic(FedAvg):
         return diagonal_bounds(self.rule.diagonal(self.precond_state, self.precond_alpha))
 
     def _sample_nodes(self, grid: Grid, fraction: float, minimum: int) -> list[int]:
-        """Like Flower's sampler, but seeded and independent of node-id order."""
+        """Like Flower's sampler, but seeded and independent of node-id order.
+
+        With ``node_wait_s`` set, a round whose nodes are not all back after
+        that long (a device dropped out) goes on with the connected ones, as
+        long as ``min_successful_clients`` of them are there.
+        """
+        started = time.monotonic()
         while True:
             nodes = sorted(grid.get_node_ids(), key=lambda node: (self.node_order.get(node, float("inf")), node))
             sample_size = max(int(len(nodes) * fraction), minimum)
-            if len(nodes) >= max(self.min_available_nodes, sample_size):
+            needed = max(self.min_available_nodes, sample_size)
+            if len(nodes) >= needed:
                 break
-            log(INFO, "Waiting for nodes to connect: %d connected (minimum required: %d).",
-                len(nodes), max(self.min_available_nodes, sample_size))
+            waited = time.monotonic() - started
+            if self.node_wait_s is not None and waited >= self.node_wait_s and len(nodes) >= self.min_successful_clients:
+                sample_size = len(nodes)
+                log(WARNING, "Only %d of %d nodes connected after %.0f s; the round goes on with them.",
+                    len(nodes), needed, waited)
+                break
+            log(INFO, "Waiting for nodes to connect: %d connected (minimum required: %d).", len(nodes), needed)
             time.sleep(1)
         chosen = self._sampler.sample(nodes, sample_size)
         log(INFO, "configure_train: Sampled %s nodes (out of %s)", len(chosen), len(nodes))

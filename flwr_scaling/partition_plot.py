@@ -1,0 +1,65 @@
+"""A heatmap of how the labels are divided among the clients (flwr-datasets' plot)."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+import warnings
+from pathlib import Path
+
+from .data import PartitionSpec, _load_part, _partitioner
+
+
+def plot_title(spec: PartitionSpec) -> str:
+    """E.g. ``digits: 10 clients, dirichlet (alpha 0.5), seed 0``."""
+    return f"{spec.data.dataset}: {spec.num_partitions} clients, {spec.describe()}, seed {spec.data.seed}"
+
+
+def plot_partitions(spec: PartitionSpec, path: str | os.PathLike) -> Path:
+    """Write the label-distribution heatmap of ``spec``'s partition to ``path`` (PNG); return the path.
+
+    The file appears whole or not at all (written beside it, then renamed).
+    Impossible settings raise the same one-line ValueError as ``load_partition``.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")  # no display; a no-op if pyplot already uses Agg
+    import matplotlib.pyplot as plt
+    from flwr_datasets.visualization import plot_label_distributions
+
+    _load_part(spec, 0)  # checks the settings and cuts the partition (one-line errors)
+    partitioner = _partitioner(spec)
+    target = Path(path)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    width = min(4.0 + 0.35 * spec.num_partitions, 40.0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        fig, _, _ = plot_label_distributions(
+            partitioner,
+            label_name="label",
+            plot_type="heatmap",
+            size_unit="absolute",
+            partition_id_axis="x",
+            figsize=(width, 5.0),
+            title=plot_title(spec),
+            legend=True,
+            legend_title="examples",
+            plot_kwargs={"annot": spec.num_partitions <= 20},
+        )
+    fig.axes[0].set_xlabel("client (partition id)")
+    fig.axes[0].set_ylabel("label")
+    fig.tight_layout()
+    handle, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+    try:
+        with os.fdopen(handle, "wb") as out:
+            fig.savefig(out, format="png", dpi=100)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes it 0600; give it a normal file's mode
+        os.replace(tmp, target)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    finally:
+        plt.close(fig)
+    return target

@@ -1,0 +1,130 @@
+"""Real deployment on loopback: a SuperLink and SuperNodes as separate processes,
+TLS and SuperNode authentication on, each node training on its own CSV file.
+
+Every process is started through ``LocalFederation`` in its own process group;
+the module fixture's finalizer stops them all, also when a test fails.
+"""
+
+from __future__ import annotations
+
+import csv
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from flwr_scaling.config import RunConfig
+from flwr_scaling.data import DataSpec, load_federated_data
+from flwr_scaling.deploy import LocalFederation, make_node_key
+
+pytestmark = pytest.mark.slow
+
+ROUNDS = 3
+KILL_IN_ROUND = 3  # the last round: min-available-nodes = num-clients would stall a later round until the node returns
+
+
+def _write_csv(path: Path, features: np.ndarray, labels: np.ndarray) -> None:
+    with open(path, "w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow([f"x{i}" for i in range(features.shape[1])] + ["label"])
+        for row, label in zip(features, labels):
+            writer.writerow([f"{v:.6g}" for v in row] + [int(label)])
+
+
+@pytest.fixture(scope="module")
+def node_files(tmp_path_factory) -> list[Path]:
+    """Two disjoint halves of digits' training split, one CSV per node (pixels in [0, 1], labels 0..9)."""
+    folder = tmp_path_factory.mktemp("node-data")
+    train = load_federated_data(DataSpec("digits")).train
+    order = np.random.default_rng(0).permutation(len(train))
+    paths = []
+    for index, part in enumerate(np.array_split(order, 2)):
+        path = folder / f"node{index}.csv"
+        _write_csv(path, train.features[part].reshape(len(part), -1), train.labels[part])
+        paths.append(path)
+    return paths
+
+
+@pytest.fixture(scope="module")
+def federation(tmp_path_factory, node_files):
+    """A secure SuperLink and two registered SuperNodes with their own files."""
+    fed = LocalFederation(tmp_path_factory.mktemp("deploy"), secure=True)
+    try:
+        fed.start_superlink()
+        for index, path in enumerate(node_files):
+            fed.start_supernode({"data-path": f"csv:{path}", "partition-id": index}, f"supernode-{index}")
+        fed.wait_for_nodes(2, timeout_s=120)
+        yield fed
+    finally:
+        fed.stop()
+        leftovers = [p.name for p in fed.processes if p.alive()]
+        assert not leftovers
+
+
+def _online(fed: LocalFederation) -> list[dict]:
+    return [n for n in fed.list_nodes() if str(n.get("status", "")).lower() == "online"]
+
+
+def test_unregistered_key_and_missing_ca_are_refused(federation):
+    fed = federation
+    before = {n["node-id"] for n in _online(fed)}
+    registered_before = {n["node-id"] for n in fed.list_nodes()}
+    unregistered = fed.start_supernode({"partition-id": 0, "num-partitions": 2}, "supernode-unregistered", register=False)
+    no_ca = fed.start_supernode({"partition-id": 1, "num-partitions": 2}, "supernode-no-ca", root_certificates=False)
+    try:
+        time.sleep(20)
+        nodes = fed.list_nodes()
+        assert {n["node-id"] for n in _online(fed)} == before, nodes  # neither came online
+        new = [n for n in nodes if n["node-id"] not in registered_before]
+        # only the no-CA node's (registered) key is known, and it never got past "registered"
+        assert [n["status"] for n in new] == ["registered"], nodes
+        assert "Failed to activate SuperNode" in unregistered.log_text(), unregistered.log_text()
+        assert "No SuperNode found with the given public key" in (fed.workdir / "superlink.log").read_text()
+        assert "CERTIFICATE_VERIFY_FAILED" in no_ca.log_text(), no_ca.log_text()
+    finally:
+        unregistered.stop()
+        no_ca.stop()
+        fed.processes.remove(unregistered)
+        fed.processes.remove(no_ca)
+    assert not unregistered.alive() and not no_ca.alive()
+
+
+def test_secure_run_with_local_files_survives_a_node_killed_mid_round(federation, tmp_path):
+    fed = federation
+    out = tmp_path / "out"
+    cfg = RunConfig.from_mapping({
+        "strategy": "savic", "precond": "adam", "rounds": ROUNDS, "num-clients": 2,
+        "dataset": "digits", "out": str(out), "wait-for-nodes-s": 60.0,
+    }).resolved()
+    lines: list[str] = []
+    killed = threading.Event()
+    victim = next(p for p in fed.processes if p.name == "supernode-1")
+
+    def on_line(line: str) -> None:
+        lines.append(line)
+        if f"[ROUND {KILL_IN_ROUND}/" in line and not killed.is_set():
+            time.sleep(2)  # the message is out; the node is training or about to
+            victim.kill()
+            killed.set()
+
+    started = time.monotonic()
+    proc = fed.run(cfg, on_line=on_line, timeout_s=540)
+    elapsed = time.monotonic() - started
+    log = "\n".join(lines)
+    assert proc.popen.returncode == 0, log[-4000:]
+    assert killed.is_set(), log[-4000:]
+    assert not victim.alive()
+    import csv as _csv
+
+    rows = list(_csv.DictReader(open(out / "metrics.csv")))
+    assert [int(r["round"]) for r in rows] == list(range(1, ROUNDS + 1)), rows
+    assert (out / "config.json").exists()
+    for row in rows[: KILL_IN_ROUND - 1]:
+        assert int(row["clients_ok"]) == 2, row
+    dropped = rows[KILL_IN_ROUND - 1]
+    # The SuperLink answers for the dead node once its heartbeat lapses: one reply is missing or an error.
+    assert int(dropped["clients_ok"]) == 1, dropped
+    assert np.isfinite(float(dropped["test_loss"]))
+    print(f"run with a node killed in round {KILL_IN_ROUND}: {elapsed:.0f} s; rows {rows}")
