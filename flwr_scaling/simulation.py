@@ -10,9 +10,10 @@ from pathlib import Path
 from .checkpoint import Checkpoint
 from .config import RunConfig
 from .data import load_federated_data
+from .partition_plot import plot_partitions
 from .recorder import read_metrics
 
-OUTPUT_FILES = ("config.json", "metrics.csv", "checkpoint.npz")
+OUTPUT_FILES = ("config.json", "metrics.csv", "checkpoint.npz", "partitions.png")
 
 
 def preflight(cfg: RunConfig) -> None:
@@ -54,6 +55,8 @@ def simulate(
     if resume is None:
         for name in OUTPUT_FILES:
             (out / name).unlink(missing_ok=True)
+    out.mkdir(parents=True, exist_ok=True)
+    plot_partitions(cfg.partition_spec(), out / "partitions.png")  # who holds which labels
     _quiet_flower(verbose)
     # One thread per client actor: two actors on two cores beat two actors
     # fighting over four threads, and tiny models gain nothing from more.

@@ -52,6 +52,7 @@ def test_run_three_clients_two_rounds(tmp_path):
     # round 2 sends model + state down and model + statistic up to 3 clients: 4 equal payloads each.
     assert int(rows[0]["bytes_down"]) > int(rows[1]["bytes_down"]) == int(rows[1]["bytes_up"])
     assert float(rows[1]["test_accuracy"]) > 0.3  # two rounds on digits already learn something
+    assert (out / "partitions.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"  # the label heatmap
     config = json.loads((out / "config.json").read_text())
     assert config["precond"] == "adam" and config["lr"] == 0.003 and config["num-clients"] == 3
     assert config["precond-alpha"] == 1e-3 and config["model"] == "cnn"
