@@ -284,23 +284,28 @@ def check_output_folder(path: str) -> None:
         raise ConfigError(f"output folder {path!r} cannot be created or written: {str(parent)!r} is not writable")
 
 
-def load_toml(path: str) -> dict[str, Any]:
-    """Options from a TOML file (kebab-case keys, as on the command line), with one-line errors."""
+def read_toml(path: str, what: str = "config file") -> dict[str, Any]:
+    """A TOML file as a dict; every way it can fail is one line naming ``what`` and the path."""
     import tomllib
     from pathlib import Path
 
     file = Path(path)
     if not file.is_file():
-        raise ConfigError(f"config file {path!r} does not exist or is not a file")
+        raise ConfigError(f"{what} {path!r} does not exist or is not a file")
     try:
         with open(file, "rb") as handle:
-            values = tomllib.load(handle)
+            return tomllib.load(handle)
     except tomllib.TOMLDecodeError as error:
-        raise ConfigError(f"config file {path!r} is not valid TOML: {error}") from None
+        raise ConfigError(f"{what} {path!r} is not valid TOML: {error}") from None
     except UnicodeDecodeError as error:
-        raise ConfigError(f"config file {path!r} is not UTF-8 text (byte {error.start}); TOML files must be UTF-8") from None
+        raise ConfigError(f"{what} {path!r} is not UTF-8 text (byte {error.start}); TOML files must be UTF-8") from None
     except OSError as error:
-        raise ConfigError(f"config file {path!r} cannot be read: {error.strerror}") from None
+        raise ConfigError(f"{what} {path!r} cannot be read: {error.strerror}") from None
+
+
+def load_toml(path: str) -> dict[str, Any]:
+    """Options from a TOML file (kebab-case keys, as on the command line), with one-line errors."""
+    values = read_toml(path)
     nested = [key for key, value in values.items() if isinstance(value, dict)]
     if nested:
         raise ConfigError(f"config file {path!r}: options must be top-level keys, found table [{nested[0]}]")

@@ -48,7 +48,7 @@ from pathlib import Path
 from typing import Any, TextIO
 
 from .checkpoint import CHECKPOINT, Checkpoint, load_checkpoint
-from .config import ConfigError, RunConfig, check_output_folder
+from .config import ConfigError, RunConfig, check_output_folder, read_toml
 from .recorder import read_metrics, write_atomic
 from .report import plot_seed_groups, seed_group_summary
 from .simulation import preflight, simulate
@@ -109,7 +109,7 @@ def load_sweep(path: str | Path, out: str | Path | None = None) -> Sweep:
     def error(message: str) -> ConfigError:
         return ConfigError(f"{where}: {message}")
 
-    raw = _read_toml(where)
+    raw = read_toml(where, "sweep file")
     run_keys = RunConfig.keys()
     for key in raw:
         if key not in TOP_LEVEL:
@@ -221,23 +221,6 @@ def run_name(values: Mapping[str, Any]) -> str:
         digest = hashlib.sha1(text.encode("utf-8")).hexdigest()[:10]
         name = f"{name[:MAX_NAME - 11]}~{digest}"
     return name
-
-
-def _read_toml(where: str) -> dict[str, Any]:
-    import tomllib
-
-    file = Path(where)
-    if not file.is_file():
-        raise ConfigError(f"sweep file {where!r} does not exist or is not a file")
-    try:
-        with open(file, "rb") as handle:
-            return tomllib.load(handle)
-    except tomllib.TOMLDecodeError as problem:
-        raise ConfigError(f"sweep file {where!r} is not valid TOML: {problem}") from None
-    except UnicodeDecodeError as problem:
-        raise ConfigError(f"sweep file {where!r} is not UTF-8 text (byte {problem.start}); TOML files must be UTF-8") from None
-    except OSError as problem:
-        raise ConfigError(f"sweep file {where!r} cannot be read: {problem.strerror}") from None
 
 
 def _method_options(label: Any, what: str, error: Callable[[str], ConfigError]) -> dict[str, str]:

@@ -118,6 +118,13 @@ def hutchinson_diagonal(
     return [acc / num_probes for acc in sums]
 
 
+def _each_batch(loader, epochs: int):
+    """``(x, y, first_epoch)`` for every batch of every local epoch."""
+    for epoch in range(epochs):
+        for x, y in loader:
+            yield x, y, epoch == 0
+
+
 def _loss_and_gradients(
     model: nn.Module, params: list[torch.Tensor], x: torch.Tensor, y: torch.Tensor, create_graph: bool
 ) -> tuple[torch.Tensor, tuple[torch.Tensor, ...]]:
@@ -220,36 +227,34 @@ def train_scaled(
 
     steps, loss_sum, num_examples = 0, 0.0, 0
     model.train()
-    for epoch in range(settings.local_epochs):
-        for x, y in loader:
-            steps += 1
-            if epoch == 0:
-                num_examples += len(y)
-            loss, grads = _loss_and_gradients(model, params, x, y, create_graph=need_graph)
-            loss_sum += float(loss.detach())
-            if rule.has_state:
-                stat = _statistic(rule, params, grads, settings.num_probes, generator)
-                if stat_sums is not None:
-                    for acc, value in zip(stat_sums, stat, strict=True):
-                        acc.add_(value)
-                else:  # local scaling: absorb this step's statistic, then recompute D̂
-                    current = rule.update(current, dict(zip(names, stat, strict=True)), settings.beta)
-                    diag_map = rule.diagonal(current, settings.alpha)
-                    diag = [diag_map[n] for n in names]
-            with torch.no_grad():
-                for i, (param, grad) in enumerate(zip(params, grads, strict=True)):
-                    direction = grad.detach()
-                    if anchor is not None:
-                        direction = direction + settings.proximal_mu * (param - anchor[i])
-                    if first_moment is not None:
-                        first_moment[i].mul_(settings.adam_beta1).add_(direction, alpha=1 - settings.adam_beta1)
-                        direction = first_moment[i] / (1 - settings.adam_beta1**steps)
-                    if diag is not None:
-                        direction = direction / diag[i]
-                    if velocity is not None:
-                        velocity[i].mul_(settings.momentum).add_(direction)
-                        direction = velocity[i]
-                    param.sub_(direction, alpha=settings.lr)
+    for x, y, first_epoch in _each_batch(loader, settings.local_epochs):
+        steps += 1
+        num_examples += len(y) if first_epoch else 0
+        loss, grads = _loss_and_gradients(model, params, x, y, create_graph=need_graph)
+        loss_sum += float(loss.detach())
+        if rule.has_state:
+            stat = _statistic(rule, params, grads, settings.num_probes, generator)
+            if stat_sums is not None:
+                for acc, value in zip(stat_sums, stat, strict=True):
+                    acc.add_(value)
+            else:  # local scaling: absorb this step's statistic, then recompute D̂
+                current = rule.update(current, dict(zip(names, stat, strict=True)), settings.beta)
+                diag_map = rule.diagonal(current, settings.alpha)
+                diag = [diag_map[n] for n in names]
+        with torch.no_grad():
+            for i, (param, grad) in enumerate(zip(params, grads, strict=True)):
+                direction = grad.detach()
+                if anchor is not None:
+                    direction = direction + settings.proximal_mu * (param - anchor[i])
+                if first_moment is not None:
+                    first_moment[i].mul_(settings.adam_beta1).add_(direction, alpha=1 - settings.adam_beta1)
+                    direction = first_moment[i] / (1 - settings.adam_beta1**steps)
+                if diag is not None:
+                    direction = direction / diag[i]
+                if velocity is not None:
+                    velocity[i].mul_(settings.momentum).add_(direction)
+                    direction = velocity[i]
+                param.sub_(direction, alpha=settings.lr)
     if steps == 0:
         raise ValueError("the data loader yielded no batch: the client has no data")
 
@@ -280,16 +285,14 @@ def train_local_adam(
     optimizer = torch.optim.Adam(params, lr=settings.lr)
     steps, loss_sum, num_examples = 0, 0.0, 0
     model.train()
-    for epoch in range(settings.local_epochs):
-        for x, y in loader:
-            steps += 1
-            if epoch == 0:
-                num_examples += len(y)
-            loss, grads = _loss_and_gradients(model, params, x, y, create_graph=False)
-            for param, grad in zip(params, grads, strict=True):
-                param.grad = grad.detach()
-            optimizer.step()
-            loss_sum += float(loss.detach())
+    for x, y, first_epoch in _each_batch(loader, settings.local_epochs):
+        steps += 1
+        num_examples += len(y) if first_epoch else 0
+        loss, grads = _loss_and_gradients(model, params, x, y, create_graph=False)
+        for param, grad in zip(params, grads, strict=True):
+            param.grad = grad.detach()
+        optimizer.step()
+        loss_sum += float(loss.detach())
     optimizer.zero_grad(set_to_none=True)  # the model object is reused next round
     if steps == 0:
         raise ValueError("the data loader yielded no batch: the client has no data")

@@ -19,6 +19,11 @@ from pathlib import Path
 
 import pytest
 
+try:
+    from .processes import kill_marked
+except ImportError:  # tests run as top-level modules
+    from processes import kill_marked
+
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
 REQUIRED_COLUMNS = [
@@ -61,18 +66,6 @@ def test_run_three_clients_two_rounds(tmp_path):
     assert len(progress) == 3 and "round 2/2" in progress[-1]
 
 
-def _kill_processes_with_env(marker: str) -> None:
-    """Stop every process whose environment holds ``marker`` (the detached local SuperLink)."""
-    for proc_dir in Path("/proc").iterdir():
-        if not proc_dir.name.isdigit() or int(proc_dir.name) == os.getpid():
-            continue
-        try:
-            if marker.encode() in (proc_dir / "environ").read_bytes():
-                os.kill(int(proc_dir.name), signal.SIGTERM)
-        except (OSError, PermissionError):
-            continue
-
-
 def _has_rows(path: Path, count: int) -> bool:
     return path.exists() and len(read_rows(path)) >= count
 
@@ -102,7 +95,7 @@ def test_flwr_run_dot(tmp_path):
         while time.monotonic() < deadline and not _has_rows(out / "metrics.csv", 2):
             time.sleep(0.5)
     finally:
-        _kill_processes_with_env(f"FLWR_HOME={home}")
+        kill_marked(f"FLWR_HOME={home}", signal.SIGTERM)
         shutil.rmtree(ray_tmp, ignore_errors=True)
     log = (proc.stdout + proc.stderr)[-4000:]
     assert proc.returncode == 0, log

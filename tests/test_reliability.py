@@ -17,6 +17,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+try:
+    from .processes import kill_marked
+except ImportError:  # tests run as top-level modules
+    from processes import kill_marked
+
 from flwr_scaling.checkpoint import load_checkpoint
 
 BIN = Path(sys.executable).parent
@@ -36,18 +41,6 @@ def run_cli(args: list[str], cwd: Path, env: dict | None = None) -> subprocess.C
                           cwd=cwd, env=env)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return proc
-
-
-def kill_marked(marker: str) -> None:
-    """SIGKILL every process whose environment holds ``marker``: the run and its Ray workers."""
-    for proc_dir in Path("/proc").iterdir():
-        if not proc_dir.name.isdigit() or int(proc_dir.name) == os.getpid():
-            continue
-        try:
-            if marker.encode() in (proc_dir / "environ").read_bytes():
-                os.kill(int(proc_dir.name), signal.SIGKILL)
-        except OSError:
-            continue
 
 
 def test_same_seed_gives_identical_metrics_and_another_seed_does_not(tmp_path):
