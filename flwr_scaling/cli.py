@@ -139,6 +139,15 @@ def build_parser() -> argparse.ArgumentParser:
     deploy.add_argument("--workdir", help="folder for certificates, keys, logs and Flower's home. Default: OUT/deploy")
     deploy.add_argument("--config", help="TOML file of run options; command-line options override it")
     _add_run_options(deploy, skip={"num_clients"})
+    certs = sub.add_parser("make-certs", help="make a CA and a server certificate and key for the SuperLink (TLS)",
+                           allow_abbrev=False)
+    certs.add_argument("--host", action="append", required=True,
+                       help="host name or IP address the SuperNodes dial (repeat for several)")
+    certs.add_argument("--out", default="certs", help="output folder. Default: certs")
+    node_key = sub.add_parser("make-node-key", help="make a SuperNode key pair (register the .pub on the SuperLink)",
+                              allow_abbrev=False)
+    node_key.add_argument("--name", default="node", help="file name of the key. Default: node")
+    node_key.add_argument("--out", default="keys", help="output folder. Default: keys")
     report = sub.add_parser("report", help="rebuild a sweep's tables and plots from its results (runs nothing)")
     report.add_argument("dir", help="the sweep's output folder")
     return parser
@@ -256,7 +265,22 @@ def _deploy_local(args: argparse.Namespace) -> None:
     print(f"deployment run done; results in {out}/ (config.json, metrics.csv); logs in {workdir}/")
 
 
-COMMANDS = {"run": _run, "compare": _compare, "sweep": _sweep, "report": _report, "deploy-local": _deploy_local}
+def _make_certs(args: argparse.Namespace) -> None:
+    from .deploy import make_certificates
+
+    made = make_certificates(Path(args.out), args.host)
+    print(f"wrote {made.ca_cert} (copy to every SuperNode), {made.server_cert} and {made.server_key} "
+          f"(SuperLink; keep the keys, and {Path(args.out) / 'ca.key'}, secret)")
+
+
+def _make_node_key(args: argparse.Namespace) -> None:
+    from .deploy import make_node_key
+
+    private, public = make_node_key(Path(args.out), args.name)
+    print(f"wrote {private} (stays on the device) and {public} (register it on the SuperLink)")
+
+
+COMMANDS = {"make-certs": _make_certs, "make-node-key": _make_node_key, "run": _run, "compare": _compare, "sweep": _sweep, "report": _report, "deploy-local": _deploy_local}
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -118,3 +118,16 @@ def test_client_evaluation_every_second_round(tmp_path):
     mean, std, worst = (float(rows[1][k]) for k in ("client_acc_mean", "client_acc_std", "client_acc_worst10"))
     assert 0.0 <= worst <= mean <= 1.0 and std >= 0.0
     assert rows[1]["clients_ok"] == "3"
+
+
+def test_make_certs_and_node_key_commands(tmp_path):
+    from cryptography import x509
+
+    for args in (["make-certs", "--host", "server.example.org", "--host", "10.0.0.7", "--out", str(tmp_path / "c")],
+                 ["make-node-key", "--name", "n1", "--out", str(tmp_path / "k")]):
+        proc = subprocess.run([str(BIN / "flwr-scaling"), *args], capture_output=True, text=True, timeout=120)
+        assert proc.returncode == 0, proc.stderr
+    cert = x509.load_pem_x509_certificate((tmp_path / "c" / "server.pem").read_bytes())
+    names = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    assert "server.example.org" in names.get_values_for_type(x509.DNSName)
+    assert (tmp_path / "k" / "n1.pub").read_text().startswith("ecdsa-sha2-nistp384 ")
