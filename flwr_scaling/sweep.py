@@ -567,6 +567,14 @@ def write_sweep_report(out_dir: str | Path) -> None:
                      title=f"{name}: preconditioner spread Γ/α = max D̂ / min D̂, mean and min–max over seeds"
                            f"\n{subtitle}".rstrip(),
                      xlabel="round", ylabel="precond_max / precond_min (log scale)")
+    worst = out / "client_worst10.png"
+    if any(math.isfinite(row.get("client_acc_worst10", math.nan)) for runs in curves.values() for rows in runs for row in rows):
+        # Heterogeneity hurts the worst clients first: runs with --client-eval-every get this plot.
+        plot_seed_groups(curves, worst, x="round", y="client_acc_worst10", styles=styles,
+                         title=f"{name}: mean accuracy of the worst 10 % of clients, {over}\n{subtitle}".rstrip(),
+                         xlabel="round", ylabel="worst-10 % client accuracy (own held-out data)")
+    else:
+        worst.unlink(missing_ok=True)
 
 
 def _csv(columns: Sequence[str], rows: Sequence[Mapping[str, Any]]) -> str:

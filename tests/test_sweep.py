@@ -413,7 +413,22 @@ def test_report_values_match_hand_computed_statistics(tmp_path):
     assert "| savic-adam-global | 0.003 | 3 | 0.891 ± 0.047 | 0.891 ± 0.047 | 3.3 (3/3) | 1.33 | 1.60 | 40 |" in markdown
     for name in ("accuracy.png", "accuracy_vs_mb.png", "gamma_over_alpha.png"):
         assert (out / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert not (out / "client_worst10.png").exists()  # no run evaluated its clients
     assert not list(out.glob(".*tmp*"))
+
+
+def test_report_plots_the_worst_clients_when_runs_evaluated_them(tmp_path):
+    class ClientEvalRunner(FakeRunner):
+        def __call__(self, cfg, resume=None):
+            rows = fake_rows(cfg)
+            for row in rows:  # client evaluation every second round
+                row["client_acc_worst10"] = row["test_accuracy"] - 0.1 if row["round"] % 2 == 0 else ""
+            self.calls.append(Path(cfg.out).name)
+            return write_fake_run(cfg, rows)
+
+    path, out = sweep_file(tmp_path), tmp_path / "out"
+    run(path, out, ClientEvalRunner())
+    assert (out / "client_worst10.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 def test_report_regenerated_from_the_same_results_is_byte_identical(tmp_path):
