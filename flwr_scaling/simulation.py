@@ -26,6 +26,18 @@ def preflight(cfg: RunConfig) -> None:
         client_partition(cfg, partition_id)
 
 
+def prepare_output(cfg: RunConfig, resume: Checkpoint | None) -> None:
+    """Preflight ``cfg``, then make ``cfg.out`` ready: a previous run's files removed
+    (kept when resuming) and the partition heatmap written."""
+    preflight(cfg)
+    out = Path(cfg.out)
+    if resume is None:
+        for name in OUTPUT_FILES:
+            (out / name).unlink(missing_ok=True)
+    out.mkdir(parents=True, exist_ok=True)
+    plot_partitions(cfg.partition_spec(), out / "partitions.png")  # who holds which labels
+
+
 def _quiet_flower(verbose: bool) -> None:
     level = logging.INFO if verbose else logging.WARNING
     logging.getLogger("flwr").setLevel(level)
@@ -50,13 +62,7 @@ def simulate(
     from .server_app import make_server_app
 
     cfg = config.resolved()
-    preflight(cfg)
-    out = Path(cfg.out)
-    if resume is None:
-        for name in OUTPUT_FILES:
-            (out / name).unlink(missing_ok=True)
-    out.mkdir(parents=True, exist_ok=True)
-    plot_partitions(cfg.partition_spec(), out / "partitions.png")  # who holds which labels
+    prepare_output(cfg, resume)
     _quiet_flower(verbose)
     # One thread per client actor: two actors on two cores beat two actors
     # fighting over four threads, and tiny models gain nothing from more.
