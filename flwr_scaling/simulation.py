@@ -63,6 +63,7 @@ def simulate(
 
     cfg = config.resolved()
     prepare_output(cfg, resume)
+    out = Path(cfg.out)
     _quiet_flower(verbose)
     # One thread per client actor: two actors on two cores beat two actors
     # fighting over four threads, and tiny models gain nothing from more.
