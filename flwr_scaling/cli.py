@@ -108,6 +108,15 @@ def parse_label(label: str) -> dict[str, str]:
     raise ConfigError(f"unknown configuration {label!r}; use {baselines} or savic-<{'|'.join(RULES)}>-<global|local>, e.g. {examples}")
 
 
+def _add_backend(parser: argparse.ArgumentParser, default: str | None = "simulation") -> None:
+    from .inprocess import BACKENDS
+
+    where = "Default: simulation" if default else "Default: the file's backend, else simulation"
+    parser.add_argument("--backend", choices=BACKENDS, default=default,
+                        help="simulation (Flower's simulation engine, Ray) or inprocess (the same ServerApp and "
+                             f"ClientApp code in this process, clients one after another, no Ray start-up). {where}")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = OneLineParser(prog="flwr-scaling", description="Scaled Local SGD (SAVIC) on Flower's simulation engine.",
                            allow_abbrev=False)
@@ -117,6 +126,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--resume", metavar="DIR", help="continue the run in DIR from its last checkpoint")
     _add_run_options(run)
     run.add_argument("--verbose", action="store_true", help="show Flower's and Ray's logs")
+    _add_backend(run)
     compare = sub.add_parser("compare", help="run several configurations on the same partition and seed",
                              allow_abbrev=False)
     compare.add_argument("--configs", default=",".join(DEFAULT_COMPARE),
@@ -126,11 +136,13 @@ def build_parser() -> argparse.ArgumentParser:
     compare.add_argument("--config", help="TOML file of the common options; command-line options override it")
     _add_run_options(compare, skip=COMPARE_FIXED)
     compare.add_argument("--verbose", action="store_true", help="show Flower's and Ray's logs")
+    _add_backend(compare)
     sweep = sub.add_parser("sweep", help="run every combination of a grid of options (TOML file), resumably",
                            allow_abbrev=False)
     sweep.add_argument("file", help="sweep file: [base] options and [grid] lists (see README, Sweeps)")
     sweep.add_argument("--out", help="output folder. Default: the file's 'out', else runs/<file stem>")
     sweep.add_argument("--dry-run", action="store_true", help="check the file and list the runs; run nothing")
+    _add_backend(sweep, default=None)
     deploy = sub.add_parser("deploy-local", help="run on a real SuperLink and N real SuperNodes on this machine",
                             allow_abbrev=False)
     deploy.add_argument("--nodes", default="2", help="number of SuperNodes (each one client). Default: 2")
@@ -174,7 +186,8 @@ def _resumed_config(args: argparse.Namespace):
 
 
 def _run(args: argparse.Namespace) -> None:
-    from .simulation import preflight, simulate
+    from .inprocess import runner_for
+    from .simulation import preflight
 
     checkpoint = None
     if args.resume:
@@ -188,14 +201,15 @@ def _run(args: argparse.Namespace) -> None:
     check_output_folder(cfg.out)
     preflight(cfg)
     start = time.perf_counter()
-    rows = simulate(cfg, verbose=args.verbose, resume=checkpoint)
+    rows = runner_for(args.backend)(cfg, verbose=args.verbose, resume=checkpoint)
     print(f"done in {time.perf_counter() - start:.1f} s: final test accuracy {rows[-1]['test_accuracy']:.3f}; "
           f"results in {cfg.out}/ (config.json, metrics.csv)")
 
 
 def _compare(args: argparse.Namespace) -> None:
+    from .inprocess import runner_for
     from .report import write_compare_report
-    from .simulation import preflight, simulate
+    from .simulation import preflight
 
     try:
         target = float(args.target_accuracy)
@@ -219,7 +233,7 @@ def _compare(args: argparse.Namespace) -> None:
     runs = {}
     for index, (label, cfg) in enumerate(configs.items(), start=1):
         print(f"== [{index}/{len(configs)}] {label} (lr {cfg.lr:g}) ==", flush=True)
-        runs[label] = simulate(cfg, verbose=args.verbose)
+        runs[label] = runner_for(args.backend)(cfg, verbose=args.verbose)
     first = next(iter(configs.values()))
     title = (f"{first.dataset}, {first.model}, {first.num_clients} clients, Dirichlet {first.dirichlet_alpha:g}, "
              f"{first.local_epochs} local epoch(s), seed {first.seed}")
@@ -236,7 +250,7 @@ def _sweep(args: argparse.Namespace) -> None:
         for index, run in enumerate(plan.runs, start=1):
             print(f"[{index}/{len(plan.runs)}] {run.name}")
         return
-    out = run_sweep(args.file, args.out)
+    out = run_sweep(args.file, args.out, backend=args.backend)
     print(f"sweep done; summary in {out}/summary.md, plots in {out}/")
 
 

@@ -43,7 +43,7 @@ import statistics
 import sys
 import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, fields, replace
 from pathlib import Path
 from typing import Any, TextIO
 
@@ -51,12 +51,14 @@ from .checkpoint import CHECKPOINT, Checkpoint, load_checkpoint
 from .config import ConfigError, RunConfig, check_output_folder, read_toml
 from .recorder import read_metrics, write_atomic
 from .report import plot_seed_groups, seed_group_summary
-from .simulation import preflight, simulate
+from .inprocess import BACKENDS, runner_for
+from .simulation import preflight
 
 METHOD = "method"  # the grid key whose values are labels (fedavg, savic-<rule>-<mode>)
 METHOD_OPTIONS = ("strategy", "precond", "precond-mode")  # what a label sets
 SEED = "seed"
-TOP_LEVEL = ("out", "target-accuracy", "base", "grid")
+METHOD_TABLE = "method-options"  # per-method run options, e.g. each method's tuned step size
+TOP_LEVEL = ("out", "target-accuracy", "backend", "base", METHOD_TABLE, "grid")
 DEFAULT_TARGET = 0.9
 SWEEP_JSON = "sweep.json"
 RUNS = "runs"
@@ -86,12 +88,14 @@ class Sweep:
     target: float
     grid: dict[str, list[Any]]  # grid key -> values, keys in name order (method first, seed last)
     runs: tuple[SweepRun, ...]  # in run order: seed outermost, so each seed's comparison completes early
+    backend: str = "simulation"  # how runs run: Flower's simulation engine or in this process (inprocess.py)
 
     def to_json(self) -> dict[str, Any]:
         return {
             "source": self.source,
             "name": Path(self.source).stem,
             "target-accuracy": self.target,
+            "backend": self.backend,
             "grid": self.grid,
             "runs": [{"name": r.name, "values": r.values, "config": r.config.to_flower()} for r in self.runs],
         }
@@ -149,6 +153,10 @@ def load_sweep(path: str | Path, out: str | Path | None = None) -> Sweep:
     except ConfigError as problem:
         raise error(f"[base] {problem}") from None
 
+    backend = raw.get("backend", "simulation")
+    if backend not in BACKENDS:
+        raise error(f"backend must be one of {', '.join(BACKENDS)}, got {_toml(backend)}")
+
     grid_raw = raw.get("grid")
     if grid_raw is None:
         raise error("no [grid] table; list the values to sweep, e.g. [grid] seed = [0, 1, 2]")
@@ -183,6 +191,8 @@ def load_sweep(path: str | Path, out: str | Path | None = None) -> Sweep:
             if key in grid:
                 raise error(f"[grid] method sets strategy, precond and precond-mode; remove {key!r} from [grid]")
 
+    per_method = _method_table(raw.get(METHOD_TABLE, {}), grid, base, error)
+
     order = sorted(grid, key=lambda k: (k != METHOD, k == SEED, k))  # name order: method, others A-Z, seed
     grid = {key: grid[key] for key in order}
     loop = sorted(order, key=lambda k: k != SEED)  # run order: seed outermost
@@ -200,6 +210,7 @@ def load_sweep(path: str | Path, out: str | Path | None = None) -> Sweep:
         for key, value in values.items():
             if key == METHOD:
                 options.update(_parse_label(value))
+                options.update(per_method.get(value, {}))
             else:
                 options[key] = value
         try:
@@ -208,7 +219,34 @@ def load_sweep(path: str | Path, out: str | Path | None = None) -> Sweep:
         except (ValueError, OSError) as problem:  # ConfigError included; OSError: data that cannot be read
             raise error(f"run {name}: {_first_line(problem)}") from None
         runs.append(SweepRun(name, values, config))
-    return Sweep(where, Path(folder), float(target), grid, tuple(runs))
+    return Sweep(where, Path(folder), float(target), grid, tuple(runs), backend)
+
+
+def _method_table(table: Any, grid: Mapping[str, list[Any]], base: Mapping[str, Any],
+                  error: Callable[[str], ConfigError]) -> dict[str, dict[str, Any]]:
+    """``[method-options.<label>]`` tables: run options for one method of ``[grid] method`` (e.g. its lr)."""
+    if not isinstance(table, dict):
+        raise error(f"{METHOD_TABLE} must be tables such as [{METHOD_TABLE}.fedavg], got {_toml(table)}")
+    methods = grid.get(METHOD, [])
+    result = {}
+    for label, options in table.items():
+        where = f"[{METHOD_TABLE}.{label}]"
+        if label not in methods:
+            raise error(f"{where} names a method that is not in [grid] method ({', '.join(map(str, methods)) or 'none'})")
+        if not isinstance(options, dict):
+            raise error(f"{where} must be a table of run options, e.g. lr = 0.01, got {_toml(options)}")
+        for key in options:
+            if key == METHOD or key in METHOD_OPTIONS or key == "out":
+                raise error(f"{where} cannot set {key!r}")
+            if key in grid or key in base:
+                raise error(f"{where} sets {key!r}, which is also in {'[grid]' if key in grid else '[base]'}; "
+                            f"keep it in one place")
+        try:
+            RunConfig.from_mapping({**base, **_parse_label(label), **options}).validate()
+        except ConfigError as problem:
+            raise error(f"{where} {problem}") from None
+        result[label] = dict(options)
+    return result
 
 
 def run_name(values: Mapping[str, Any]) -> str:
@@ -283,8 +321,12 @@ def _first_line(problem: BaseException) -> str:
 
 # ------------------------------------------------------------ run folders
 def _same_config(a: Mapping[str, Any], b: Mapping[str, Any]) -> bool:
-    """Equal apart from ``out`` (a sweep folder may be moved or named by another path)."""
-    return {k: v for k, v in a.items() if k != "out"} == {k: v for k, v in b.items() if k != "out"}
+    """Equal apart from ``out`` (a sweep folder may be moved or named by another path); an option
+    missing on one side (saved before the option existed) counts as its default."""
+    defaults = {RunConfig.key(f.name): f.default for f in fields(RunConfig)}
+    keys = (set(a) | set(b)) - {"out"}
+    missing = object()
+    return all(a.get(k, defaults.get(k, missing)) == b.get(k, defaults.get(k, missing)) for k in keys)
 
 
 def is_finished(folder: str | Path, config: Mapping[str, Any]) -> bool:
@@ -330,11 +372,14 @@ def run_sweep(
     path: str | Path,
     out: str | Path | None = None,
     *,
-    runner: Runner = simulate,
+    runner: Runner | None = None,
+    backend: str | None = None,
     stream: TextIO | None = None,
 ) -> Path:
     """Run every unfinished run of the sweep file ``path``, then write the report; return the sweep folder.
 
+    ``backend`` (``simulation`` or ``inprocess``) overrides the file's
+    ``backend``; ``runner``, when given, replaces both (tests).
     ``runner(config)`` runs one resolved configuration into ``config.out``
     (writing ``metrics.csv``); it is called as ``runner(config, resume=checkpoint)``
     to continue from a checkpoint of the same configuration. Its stdout and
@@ -344,6 +389,11 @@ def run_sweep(
     """
     stream = stream if stream is not None else sys.stdout
     sweep = load_sweep(path, out)
+    if backend is not None:
+        if backend not in BACKENDS:
+            raise ConfigError(f"backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
+        sweep = replace(sweep, backend=backend)
+    runner = runner or runner_for(sweep.backend)
     sweep.out.mkdir(parents=True, exist_ok=True)
     write_atomic(sweep.out / SWEEP_JSON, json.dumps(sweep.to_json(), indent=2) + "\n")
 
@@ -354,7 +404,7 @@ def run_sweep(
     def say(text: str, end: str = "\n") -> None:
         print(text, end=end, file=stream, flush=True)
 
-    say(f"sweep {sweep.source}: {total} runs, {total - pending} finished already, {pending} to run; "
+    say(f"sweep {sweep.source}: {total} runs ({sweep.backend}), {total - pending} finished already, {pending} to run; "
         f"results in {sweep.out}/")
     start = time.perf_counter()
     durations: list[float] = []

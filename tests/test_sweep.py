@@ -226,7 +226,7 @@ def test_sweep_runs_every_combination_once_then_skips_them(tmp_path, fast_plots)
     text = run(path, out, runner)
     assert runner.calls == NAMES and runner.resumed == [None] * 6
     lines = text.splitlines()
-    assert lines[0] == f"sweep {path}: 6 runs, 0 finished already, 6 to run; results in {out}/"
+    assert lines[0] == f"sweep {path}: 6 runs (simulation), 0 finished already, 6 to run; results in {out}/"
     for k, name in enumerate(NAMES, start=1):
         assert re.fullmatch(rf"\[{k}/6\] {re.escape(name)} \.\.\. done in \d+\.\d s \| elapsed \d+s \| ETA \d+s",
                             lines[k]), lines[k]
