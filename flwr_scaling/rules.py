@@ -9,6 +9,14 @@ operators. The clipped diagonal ``D̂ = max(alpha, D(v))`` is the paper's
 truncation and gives the lower bound ``alpha`` of its analysis.
 
 Adding a rule is one ``ScalingRule(...)`` line in ``RULES``.
+
+A rule may also carry two optional fast variants for the client's training
+loop, which runs them at every local step: ``update_in_place_fn`` absorbs a
+statistic into a list of torch tensors in place and ``diagonal_many_fn`` maps
+a list of states to their diagonals, both with ``torch._foreach_*`` kernels
+(one call for all parameter tensors, no new state tensors per step). They
+compute the same numbers as the pure functions, up to float rounding; a rule
+without them is run through the pure functions.
 """
 
 from __future__ import annotations
@@ -18,6 +26,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+import torch
 
 Arrays = Mapping[str, Any]  # dict of np.ndarray or torch.Tensor, keyed like the model
 
@@ -51,6 +60,28 @@ def _keep(state: Arrays, statistic: Arrays, beta: float) -> dict[str, Any]:
     return dict(state)
 
 
+def _accumulate_(states: list[torch.Tensor], statistic: list[torch.Tensor], beta: float, squared: bool) -> None:
+    # In place: v <- v + s, or v <- v + g*g fused (statistic holds g) when squared.
+    del beta
+    if squared:
+        torch._foreach_addcmul_(states, statistic, statistic)
+    else:
+        torch._foreach_add_(states, statistic)
+
+
+def _moving_average_(states: list[torch.Tensor], statistic: list[torch.Tensor], beta: float, squared: bool) -> None:
+    # In place: v <- beta v + (1 - beta) s, with s = g*g fused (statistic holds g) when squared.
+    torch._foreach_mul_(states, beta)
+    if squared:
+        torch._foreach_addcmul_(states, statistic, statistic, value=1.0 - beta)
+    else:
+        torch._foreach_add_(states, statistic, alpha=1.0 - beta)
+
+
+def _keep_(states: list[torch.Tensor], statistic: list[torch.Tensor], beta: float, squared: bool) -> None:
+    del states, statistic, beta, squared
+
+
 def _sqrt(value: Any) -> Any:
     return value**0.5
 
@@ -61,6 +92,18 @@ def _abs(value: Any) -> Any:
 
 def _one(value: Any) -> Any:
     return value * 0 + 1
+
+
+def _sqrt_many(states: list[torch.Tensor]) -> list[torch.Tensor]:
+    return list(torch._foreach_sqrt(states))
+
+
+def _abs_many(states: list[torch.Tensor]) -> list[torch.Tensor]:
+    return list(torch._foreach_abs(states))
+
+
+def _one_many(states: list[torch.Tensor]) -> list[torch.Tensor]:
+    return [torch.ones_like(v) for v in states]
 
 
 @dataclass(frozen=True)
@@ -83,6 +126,13 @@ class ScalingRule:
     nonnegative : bool
         Whether the statistic and the state can never be negative (a negative
         value from a client is then a fault, not data).
+    update_in_place_fn : callable, optional
+        ``(states, statistic, beta, squared) -> None``: ``update_fn`` in place
+        on a list of torch tensors (the client's fast path). With ``squared``
+        the list ``statistic`` holds the gradients g and the statistic is
+        ``g ⊙ g``, fused into the update without a temporary.
+    diagonal_many_fn : callable, optional
+        ``D(v)`` for a list of torch tensors at once (the client's fast path).
     """
 
     name: str
@@ -91,11 +141,18 @@ class ScalingRule:
     diagonal_fn: Callable[[Any], Any]
     first_moment: bool = False
     nonnegative: bool = True
+    update_in_place_fn: Callable[[list[torch.Tensor], list[torch.Tensor], float, bool], None] | None = None
+    diagonal_many_fn: Callable[[list[torch.Tensor]], list[torch.Tensor]] | None = None
 
     @property
     def has_state(self) -> bool:
         """Whether the rule keeps a preconditioner state at all."""
         return self.statistic != STAT_NONE
+
+    @property
+    def has_in_place(self) -> bool:
+        """Whether the rule has the in-place variants ``update_`` and ``diagonal_many``."""
+        return self.update_in_place_fn is not None and self.diagonal_many_fn is not None
 
     def update(self, state: Arrays, statistic: Arrays, beta: float) -> dict[str, Any]:
         """Return the new state after absorbing ``statistic``."""
@@ -105,15 +162,45 @@ class ScalingRule:
         """Return the clipped diagonal ``D̂ = max(alpha, D(v))`` for every key."""
         return {k: _clip_min(self.diagonal_fn(v), alpha) for k, v in state.items()}
 
+    def update_(
+        self, states: list[torch.Tensor], statistic: list[torch.Tensor], beta: float, squared: bool = False
+    ) -> None:
+        """Absorb ``statistic`` into the torch tensors ``states`` in place.
+
+        The same numbers as ``update`` up to float rounding. With ``squared``,
+        ``statistic`` holds the gradients g and the absorbed statistic is
+        ``g ⊙ g`` (no temporary for it).
+        """
+        if self.update_in_place_fn is None:
+            raise NotImplementedError(f"rule {self.name!r} has no in-place update")
+        self.update_in_place_fn(states, statistic, beta, squared)
+
+    def diagonal_many(self, states: list[torch.Tensor], alpha: float) -> list[torch.Tensor]:
+        """``[max(alpha, D(v)) for v in states]`` for torch tensors, as new tensors.
+
+        The same numbers as ``diagonal``, with one kernel per operation for all
+        tensors together.
+        """
+        if self.diagonal_many_fn is None:
+            raise NotImplementedError(f"rule {self.name!r} has no list diagonal")
+        diagonals = self.diagonal_many_fn(states)
+        torch._foreach_clamp_min_(diagonals, alpha)
+        return diagonals
+
 
 RULES: dict[str, ScalingRule] = {
     rule.name: rule
     for rule in (
-        ScalingRule("identity", STAT_NONE, _keep, _one),
-        ScalingRule("adagrad", STAT_GRAD_SQUARED, _accumulate, _sqrt),
-        ScalingRule("rmsprop", STAT_GRAD_SQUARED, _moving_average, _sqrt),
-        ScalingRule("adam", STAT_GRAD_SQUARED, _moving_average, _sqrt, first_moment=True),
-        ScalingRule("oasis", STAT_HUTCHINSON, _moving_average, _abs, nonnegative=False),
+        ScalingRule("identity", STAT_NONE, _keep, _one,
+                    update_in_place_fn=_keep_, diagonal_many_fn=_one_many),
+        ScalingRule("adagrad", STAT_GRAD_SQUARED, _accumulate, _sqrt,
+                    update_in_place_fn=_accumulate_, diagonal_many_fn=_sqrt_many),
+        ScalingRule("rmsprop", STAT_GRAD_SQUARED, _moving_average, _sqrt,
+                    update_in_place_fn=_moving_average_, diagonal_many_fn=_sqrt_many),
+        ScalingRule("adam", STAT_GRAD_SQUARED, _moving_average, _sqrt, first_moment=True,
+                    update_in_place_fn=_moving_average_, diagonal_many_fn=_sqrt_many),
+        ScalingRule("oasis", STAT_HUTCHINSON, _moving_average, _abs, nonnegative=False,
+                    update_in_place_fn=_moving_average_, diagonal_many_fn=_abs_many),
     )
 }
 

@@ -276,3 +276,96 @@ def test_ones_state_gives_unit_diagonal(backend, name):
     state = ones_like({"w": arr([0.3, -2.0], backend)})
     assert_exact(RULES[name].diagonal(state, 1e-3)["w"], [1.0, 1.0], backend)
     assert_exact(RULES[name].diagonal(state, 4.0)["w"], [4.0, 4.0], backend)
+
+
+# ------------------------------------------- in-place variants (client fast path)
+
+
+def tensors(*rows) -> list[torch.Tensor]:
+    return [torch.tensor(row, dtype=torch.float32) for row in rows]
+
+
+def test_every_rule_has_in_place_variants():
+    assert all(rule.has_in_place for rule in RULES.values())
+
+
+@pytest.mark.parametrize("name", ["rmsprop", "adam", "oasis"])
+def test_moving_average_update_in_place_beta_half(name):
+    # same numbers as the pure update: 0.5*4 + 0.5*1 = 2.5 ; 0.5*0.25 + 0.5*9 = 4.625 ; 0.5*2 + 0.5*0 = 1
+    states = tensors([4.0, 0.25], [[2.0]])
+    before = [s.data_ptr() for s in states]
+    RULES[name].update_(states, tensors([1.0, 9.0], [[0.0]]), 0.5)
+    assert_exact(states[0], [2.5, 4.625], "torch")
+    assert_exact(states[1], [[1.0]], "torch")
+    assert [s.data_ptr() for s in states] == before  # written in place, not replaced
+
+
+@pytest.mark.parametrize("name", ["rmsprop", "adam"])
+def test_moving_average_update_in_place_squared_gradients(name):
+    # squared: the statistic is g*g = [1, 9] for g = [-1, 3]: 0.5*4 + 0.5*1 = 2.5 ; 0.5*0.25 + 0.5*9 = 4.625
+    states = tensors([4.0, 0.25])
+    grads = tensors([-1.0, 3.0])
+    RULES[name].update_(states, grads, 0.5, squared=True)
+    assert_exact(states[0], [2.5, 4.625], "torch")
+    assert_exact(grads[0], [-1.0, 3.0], "torch")  # the gradients are not modified
+
+
+@pytest.mark.parametrize("squared", [False, True])
+def test_adagrad_update_in_place_sums_and_ignores_beta(squared):
+    # [4, 0.25] + [1, 9] = [5, 9.25]; squared: g = [1, -3] gives the same statistic [1, 9]
+    states = tensors([4.0, 0.25])
+    statistic = tensors([1.0, -3.0] if squared else [1.0, 9.0])
+    RULES["adagrad"].update_(states, statistic, 0.9, squared=squared)
+    assert_exact(states[0], [5.0, 9.25], "torch")
+
+
+def test_oasis_update_in_place_with_negative_values():
+    # 0.5*(-4) + 0.5*1 = -1.5 ; 0.5*0.25 + 0.5*(-9) = -4.375
+    states = tensors([-4.0, 0.25])
+    RULES["oasis"].update_(states, tensors([1.0, -9.0]), 0.5)
+    assert_exact(states[0], [-1.5, -4.375], "torch")
+
+
+def test_identity_update_in_place_keeps_state():
+    states = tensors([4.0, 0.25])
+    RULES["identity"].update_(states, tensors([1.0, 9.0]), 0.5)
+    assert_exact(states[0], [4.0, 0.25], "torch")
+
+
+@pytest.mark.parametrize("name", list(RULES))
+@pytest.mark.parametrize("alpha", [1e-3, 0.5, 2.0])
+def test_diagonal_many_equals_pure_diagonal(name, alpha):
+    # every rule, several clips: bit for bit the pure diagonal (NaN where sqrt meets -2.5, in both),
+    # and the inputs stay as they were
+    values = {"w": [[4.0, 0.25], [1e-8, 9.0]], "b": [0.0, -2.5], "s": 0.09}
+    state = {k: torch.tensor(v, dtype=torch.float32) for k, v in values.items()}
+    expected = RULES[name].diagonal(state, alpha)
+    got = RULES[name].diagonal_many(list(state.values()), alpha)
+    for key, value in zip(state, got, strict=True):
+        torch.testing.assert_close(value, expected[key], rtol=0, atol=0, equal_nan=True)
+        assert torch.equal(state[key], torch.tensor(values[key], dtype=torch.float32))
+
+
+def test_diagonal_many_by_hand():
+    # rmsprop: sqrt([4, 0.25, 1e-8]) = [2, 0.5, 1e-4] -> clip at 1e-3 -> [2, 0.5, 1e-3]; oasis: |[-4, 0.25]| = [4, 0.25]
+    (diag,) = RULES["rmsprop"].diagonal_many(tensors([4.0, 0.25, 1e-8]), 1e-3)
+    assert_near(diag, [2.0, 0.5, 1e-3], "torch")
+    (diag,) = RULES["oasis"].diagonal_many(tensors([-4.0, 0.25]), 1e-3)
+    assert_exact(diag, [4.0, 0.25], "torch")
+
+
+@pytest.mark.parametrize("name", ["adagrad", "rmsprop", "oasis"])
+def test_update_in_place_equals_pure_update_over_many_steps(name):
+    # 20 updates with random statistics: the in-place state follows the pure one to float32 rounding
+    gen = torch.Generator().manual_seed(0)
+    shapes = [(3, 4), (5,)]
+    pure = {f"k{i}": torch.rand(s, generator=gen) for i, s in enumerate(shapes)}
+    in_place = [v.clone() for v in pure.values()]
+    for _ in range(20):
+        grads = [torch.randn(s, generator=gen) for s in shapes]
+        squared = name != "oasis"
+        statistic = [g * g for g in grads] if squared else grads
+        pure = RULES[name].update(pure, dict(zip(pure, statistic, strict=True)), 0.9)
+        RULES[name].update_(in_place, grads, 0.9, squared=squared)
+    for got, expected in zip(in_place, pure.values(), strict=True):
+        torch.testing.assert_close(got, expected, rtol=1e-6, atol=1e-7)

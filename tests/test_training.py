@@ -719,3 +719,99 @@ def test_warmup_reads_no_more_batches_than_it_uses():
 
     compute_statistic(model, batches(), "rmsprop", max_batches=2)
     assert pulled == [0, 1]
+
+
+# ------------------------------------------- fused (in-place) against reference loop
+
+
+def _cnn_problem(rule: str, seed: int = 0):
+    """The digits CNN in float32, 6 random batches and a state like a warm-up's (signed for oasis)."""
+    from flwr_scaling.models import build_model
+
+    torch.manual_seed(seed)
+    model = build_model("cnn", (1, 8, 8), 10)
+    gen = torch.Generator().manual_seed(seed + 1)
+    batches = [(torch.rand(8, 1, 8, 8, generator=gen), torch.randint(0, 10, (8,), generator=gen)) for _ in range(6)]
+    state = {}
+    for name, param in trainable_parameters(model).items():
+        values = torch.rand(param.shape, generator=gen) * 1e-2 + 1e-4
+        if rule == "oasis":  # Hessian-diagonal estimates have either sign
+            values = values * (torch.randint(0, 2, param.shape, generator=gen) * 2 - 1)
+        state[name] = values
+    return model, batches, state
+
+
+PATH_CASES = [
+    {},
+    {"momentum": 0.9},
+    {"proximal_mu": 0.5},
+    {"local_epochs": 2},
+    {"momentum": 0.5, "proximal_mu": 0.1, "adam_beta1": 0.8},
+]
+
+
+@pytest.mark.parametrize("extra", PATH_CASES, ids=lambda extra: ",".join(extra) or "plain")
+@pytest.mark.parametrize("mode", ["global", "local"])
+@pytest.mark.parametrize("rule", ["identity", "adagrad", "rmsprop", "adam", "oasis"])
+def test_fused_path_equals_reference_path(rule, mode, extra):
+    alpha = 0.1 if rule == "oasis" else 1e-3
+    settings = TrainSettings(rule=rule, mode=mode, lr=0.01, alpha=alpha, beta=0.9, **extra)
+    results, models = {}, {}
+    for fused in (True, False):
+        model, batches, state = _cnn_problem(rule)
+        given = {k: v.clone() for k, v in state.items()}
+        results[fused] = train_scaled(model, batches, settings, given, generator=torch.Generator().manual_seed(7), fused=fused)
+        models[fused] = model
+        for key, value in state.items():  # the caller's state is never written, in either path
+            assert torch.equal(given[key], value)
+    fast, reference = results[True], results[False]
+    untrained, _, _ = _cnn_problem(rule)
+    assert not torch.equal(models[True].classifier.weight, untrained.classifier.weight)  # it did train
+    # 6 or 12 steps: the same parameters to float32 rounding
+    for (name, a), b in zip(models[True].state_dict().items(), models[False].state_dict().values(), strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7, msg=name)
+    for attr in ("statistic", "state"):
+        got, expected = getattr(fast, attr), getattr(reference, attr)
+        assert (got is None) == (expected is None), attr
+        if expected is not None:
+            assert list(got) == list(expected)
+            for key in expected:
+                torch.testing.assert_close(got[key], expected[key], rtol=1e-5, atol=1e-7)
+    if rule != "identity":  # a state (local) or a statistic (global) comes back, as the mode says
+        assert (fast.state is not None) == (mode == "local")
+        assert (fast.statistic is not None) == (mode == "global")
+    assert (fast.num_steps, fast.num_examples) == (reference.num_steps, reference.num_examples)
+    assert fast.train_loss == pytest.approx(reference.train_loss, rel=1e-5)
+    assert fast.precond_min == pytest.approx(reference.precond_min, rel=1e-5)
+    assert fast.precond_max == pytest.approx(reference.precond_max, rel=1e-5)
+
+
+@pytest.mark.parametrize("mode", ["global", "local"])
+def test_fused_path_by_hand_local_adagrad_float64(mode):
+    # the hand-computed check of test_local_adagrad_accumulates / test_global_one_step_rmsprop_exact,
+    # through both loops in float64: they agree to 1e-12 after 3 steps
+    settings = TrainSettings(rule="adagrad", mode=mode, lr=0.1, alpha=ALPHA, beta=0.3, momentum=0.5)
+    weights = []
+    for fused in (True, False):
+        model = make_model(bias=B0)
+        state = {"weight": torch.tensor(STATE_V, dtype=DT), "bias": torch.tensor([0.5, 2.0], dtype=DT)}
+        train_scaled(model, make_loader(3), settings, state, fused=fused)
+        weights.append(torch.cat([model.weight.detach().flatten(), model.bias.detach()]))
+    torch.testing.assert_close(weights[0], weights[1], **TIGHT)
+
+
+def test_rule_without_in_place_variants_takes_reference_loop(monkeypatch):
+    # a rule registered with only its pure functions still trains, as the reference loop does
+    import dataclasses
+
+    from flwr_scaling.rules import RULES
+
+    monkeypatch.setitem(RULES, "rmsprop", dataclasses.replace(RULES["rmsprop"], update_in_place_fn=None))
+    assert not RULES["rmsprop"].has_in_place
+    settings = TrainSettings(rule="rmsprop", mode="local", lr=0.1, alpha=ALPHA, beta=0.5)
+    weights = []
+    for fused in (True, False):
+        model = make_model()
+        train_scaled(model, make_loader(3), settings, state_v(), fused=fused)
+        weights.append(model.weight.detach().clone())
+    assert torch.equal(weights[0], weights[1])
