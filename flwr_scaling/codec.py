@@ -26,8 +26,13 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 import numpy as np
+from flwr.app import Array, ArrayRecord, ConfigRecord, RecordDict
 
 DTYPES = ("float32", "bfloat16", "float16")
+# How the strategy and the ClientApp name what travels (ConfigRecord keys):
+DTYPE_KEY = "precond-dtype"  # in the config: the encoding of the state sent down and of what clients send up
+VERSION_KEY = "precond-version"  # in the train config: the round whose state the client must train with
+SCALE_SUFFIX = "-scale"  # "<record key>-scale": ConfigRecord of the float16 exponents beside that ArrayRecord
 # What each encoding looks like on the wire (the dtype of the serialised arrays).
 WIRE_DTYPES = {"float32": np.dtype(np.float32), "bfloat16": np.dtype(np.uint16), "float16": np.dtype(np.float16)}
 # The largest finite magnitude of an array lands in [2**TOP_BINADE, 2**(TOP_BINADE + 1)).
@@ -126,8 +131,15 @@ def encode(arrays: Mapping[str, np.ndarray], *, dtype: str) -> Encoded:
 
 
 def decode(arrays: Mapping[str, np.ndarray], *, dtype: str, exponents: Mapping[str, int] | None = None) -> dict[str, np.ndarray]:
-    """Float32 arrays back from ``encode``'s output (``exponents``: needed for float16)."""
-    check_dtype(dtype)
+    """Float32 arrays back from ``encode``'s output (``exponents``: needed for float16).
+
+    Raises ``ValueError`` when an array is not of ``dtype``'s wire dtype: a
+    float32 array in a bfloat16 run would otherwise be cast, not decoded.
+    """
+    expected = wire_dtype(dtype)
+    for key, value in arrays.items():
+        if np.asarray(value).dtype != expected:
+            raise ValueError(f"{key!r} is {np.asarray(value).dtype}, expected {expected} for precond-dtype {dtype}")
     if dtype == "float32":
         return {key: np.asarray(value, dtype=np.float32) for key, value in arrays.items()}
     if dtype == "bfloat16":
@@ -149,3 +161,25 @@ def exponents_problem(exponents: Mapping[str, object], keys) -> str | None:
         if not isinstance(value, int) or isinstance(value, bool) or abs(value) > MAX_EXPONENT:
             return f"float16 scale exponent of {key!r} is {value!r}, expected an integer in [-{MAX_EXPONENT}, {MAX_EXPONENT}]"
     return None
+
+
+# ------------------------------------------------------------ Flower records
+def put_encoded(content: RecordDict, key: str, arrays: Mapping[str, np.ndarray], *, dtype: str) -> None:
+    """Store float32 ``arrays`` in ``content[key]`` encoded as ``dtype`` (float16: exponents in ``key-scale``)."""
+    encoded = encode(arrays, dtype=dtype)
+    content[key] = ArrayRecord({name: Array(np.ascontiguousarray(value)) for name, value in encoded.arrays.items()})
+    if encoded.exponents:
+        content[key + SCALE_SUFFIX] = ConfigRecord(dict(encoded.exponents))
+
+
+def take_encoded(content: RecordDict, key: str, *, dtype: str) -> dict[str, np.ndarray]:
+    """The float32 arrays that ``put_encoded`` stored in ``content[key]``; ``ValueError`` if malformed."""
+    record = content[key]
+    exponents = None
+    if dtype == "float16":
+        scale = content.get(key + SCALE_SUFFIX)
+        exponents = dict(scale.items()) if isinstance(scale, ConfigRecord) else {}
+        problem = exponents_problem(exponents, list(record.keys()))
+        if problem:
+            raise ValueError(problem)
+    return decode({name: array.numpy() for name, array in record.items()}, dtype=dtype, exponents=exponents)

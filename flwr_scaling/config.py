@@ -14,6 +14,7 @@ from collections.abc import Mapping
 from dataclasses import asdict, dataclass, fields, replace
 from typing import Any
 
+from .codec import DTYPES as PRECOND_DTYPES
 from .data import EVAL_SPLITS, MIN_PARTITION_SIZE, PARTITIONERS, TEST_FRACTION, DataSpec, PartitionSpec
 from .sources import BUNDLED, FILE_KINDS, DataError, check_spec
 from .models import MODELS
@@ -71,6 +72,8 @@ class RunConfig:
     precond_beta: float = 0.99
     precond_alpha: float | None = None
     precond_init: str = "warmup"
+    precond_dtype: str = "float32"
+    precond_every: int = 1
     precond_probes: int = 1
     warmup_batches: int = 4
     adam_beta1: float = 0.9
@@ -178,6 +181,9 @@ class RunConfig:
                 )
         _choice("precond-mode", self.precond_mode, MODES)
         _choice("precond-init", self.precond_init, INITS)
+        # Both accepted, without effect, by the baselines: they send no preconditioner.
+        _choice("precond-dtype", self.precond_dtype, PRECOND_DTYPES)
+        _at_least("precond-every", self.precond_every, 1)
         kind, is_file, _ = self.dataset.partition(":")
         if not is_file and kind not in BUNDLED:
             raise ConfigError(

@@ -15,6 +15,7 @@ import numpy as np
 
 from .aggregation import next_model, next_state, warmup_state
 from .arrays import numpy_to_torch, torch_to_numpy, weighted_average
+from .codec import decode, encode
 from .clients.logic import client_partition, local_round, local_statistic
 from .config import SERVER_OPTIMIZERS, RunConfig
 from .data import load_federated_data
@@ -34,12 +35,23 @@ class SerialRound:
     wall_s: float
 
 
+def over_the_wire(arrays: dict[str, np.ndarray], dtype: str) -> dict[str, np.ndarray]:
+    """What the receiver of ``arrays`` gets with ``precond-dtype`` ``dtype`` (float32: the arrays themselves)."""
+    encoded = encode(arrays, dtype=dtype)
+    return decode(encoded.arrays, dtype=dtype, exponents=encoded.exponents)
+
+
 def run_serial(config: RunConfig, exclude: frozenset[int] = frozenset()) -> tuple[list[SerialRound], dict[str, np.ndarray]]:
     """Run ``config`` serially; return one row per round and the final model.
 
     Partitions in ``exclude`` are sampled as usual but their training replies
     are dropped, as the server drops a faulty client's reply (their warm-up
     statistics still count).
+
+    ``precond-dtype`` and ``precond-every`` act as in the simulation: the state
+    and the statistics pass through the encoding, and clients train with the
+    state of the last refresh round (1, 1 + K, ...). Every client here holds
+    that version, as the strategy makes sure a sampled node does.
     """
     cfg = config.resolved()
     data = load_federated_data(cfg.data_spec())
@@ -50,6 +62,7 @@ def run_serial(config: RunConfig, exclude: frozenset[int] = frozenset()) -> tupl
     sampler = random.Random(derived_seed(cfg.seed, 0x5A))
     global_arrays = torch_to_numpy(model.state_dict())
     state = None
+    sent = None  # the state as the clients hold it: of the last refresh round, through the encoding
     server_step = None
     if cfg.strategy in SERVER_OPTIMIZERS:  # Flower's own FedAdam / FedYogi / FedAdagrad update
         from .strategies.baselines import FlowerServerStep
@@ -60,19 +73,23 @@ def run_serial(config: RunConfig, exclude: frozenset[int] = frozenset()) -> tupl
         start = time.perf_counter()
         chosen = sorted(sampler.sample(range(cfg.num_clients), cfg.clients_per_round))
         if rule.has_state and state is None and cfg.precond_init == "warmup":
-            stats = [local_statistic(cfg, partitions[pid], global_arrays, pid) for pid in chosen]
+            stats = [over_the_wire(local_statistic(cfg, partitions[pid], global_arrays, pid), cfg.precond_dtype)
+                     for pid in chosen]
             state = warmup_state(stats, [len(partitions[pid]) for pid in chosen])
+        if (server_round - 1) % cfg.precond_every == 0:
+            sent = over_the_wire(state, cfg.precond_dtype) if state is not None else None
         chosen = [pid for pid in chosen if pid not in exclude]
         weights = [len(partitions[pid]) for pid in chosen]
-        low, high = diagonal_bounds(rule.diagonal(state, cfg.precond_alpha)) if state is not None else (1.0, 1.0)
-        replies = [local_round(cfg, partitions[pid], global_arrays, state, server_round, pid) for pid in chosen]
+        low, high = diagonal_bounds(rule.diagonal(sent, cfg.precond_alpha)) if sent is not None else (1.0, 1.0)
+        replies = [local_round(cfg, partitions[pid], global_arrays, sent, server_round, pid) for pid in chosen]
         average = weighted_average([r.arrays for r in replies], weights)
         if server_step is not None:
             global_arrays = server_step.step(server_round, global_arrays, average)
         else:
             global_arrays = next_model(global_arrays, average, cfg.server_lr)
         if rule.has_state:
-            state = next_state(rule, cfg.precond_mode, state, [r.payload for r in replies], weights, cfg.precond_beta)
+            payloads = [over_the_wire(r.payload, cfg.precond_dtype) for r in replies]
+            state = next_state(rule, cfg.precond_mode, state, payloads, weights, cfg.precond_beta)
         model.load_state_dict(numpy_to_torch(global_arrays))
         test_loss, test_acc = evaluate(model, test_x, test_y)
         train_loss = float(np.average([r.train_loss for r in replies], weights=weights))

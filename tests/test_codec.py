@@ -186,3 +186,208 @@ def test_float16_decode_without_exponents_fails():
 )
 def test_exponents_problem(exponents, expected):
     assert exponents_problem(exponents, ["w", "b"]) == expected
+
+
+# ------------------------------------------------------- the strategy with encoded payloads
+# Driven in-process with a fake grid, as in tests/test_strategy.py; every value is exact in
+# bfloat16 (small integers), so the expected states are worked out by hand.
+from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict  # noqa: E402
+from flwr.supercore.task_identity import TaskIdentity  # noqa: E402
+
+from flwr_scaling.codec import SCALE_SUFFIX, put_encoded  # noqa: E402
+from flwr_scaling.strategies import WARMUP_MESSAGE_TYPE, Savic  # noqa: E402
+
+try:  # tests/ as a package or as a rootdir-inserted folder
+    from .fakes import FakeGrid, as_numpy, record  # noqa: E402
+except ImportError:  # pragma: no cover
+    from fakes import FakeGrid, as_numpy, record  # noqa: E402
+
+A, B = 11, 12  # A has 1 example, B 3: weights 0.25 and 0.75
+X0 = {"w": np.zeros((2, 2), np.float32), "b": np.zeros(2, np.float32)}
+WARM_A = {"w": np.full((2, 2), 8, np.float32), "b": np.full(2, 4, np.float32)}
+WARM_B = {"w": np.zeros((2, 2), np.float32), "b": np.full(2, 4, np.float32)}
+V0 = {"w": np.full((2, 2), 2, np.float32), "b": np.full(2, 4, np.float32)}  # 0.25 WARM_A + 0.75 WARM_B
+S_A = {"w": np.array([[4, 0], [8, 4]], np.float32), "b": np.array([2, 6], np.float32)}
+S_B = {"w": np.array([[0, 4], [4, 8]], np.float32), "b": np.array([2, 2], np.float32)}
+# beta 0.5: v1 = 0.5 V0 + 0.5 (0.25 S_A + 0.75 S_B) = 0.5 V0 + 0.5 [[1, 3], [5, 7]], [2, 3]
+V1 = {"w": np.array([[1.5, 2.5], [3.5, 4.5]], np.float32), "b": np.array([3, 3.5], np.float32)}
+
+
+@pytest.fixture
+def task_identity(monkeypatch):
+    monkeypatch.setattr(TaskIdentity, "_run_id", 1)
+    monkeypatch.setattr(TaskIdentity, "_node_id", 0)
+    monkeypatch.setattr(TaskIdentity, "_task_id", 1)
+
+
+def encoded_reply(message: Message, stats, n: int, dtype: str, *, model=None) -> Message:
+    """A client's reply with its statistic encoded as ``dtype`` (raw float32 arrays when ``dtype`` is None)."""
+    content = RecordDict()
+    if model is not None:
+        content["arrays"] = record(model)
+    if dtype is None:
+        content["stats"] = record(stats)
+    else:
+        put_encoded(content, "stats", stats, dtype=dtype)
+    content["metrics"] = MetricRecord({"num-examples": n} if model is None else {"num-examples": n, "train_loss": 0.0})
+    return Message(content=content, reply_to=message)
+
+
+def wire_grid(dtype: str, warm_dtype_b: str | None = "same") -> FakeGrid:
+    warm_b = dtype if warm_dtype_b == "same" else warm_dtype_b
+    return FakeGrid([A, B], {A: lambda q: encoded_reply(q, WARM_A, 1, dtype), B: lambda q: encoded_reply(q, WARM_B, 3, warm_b)})
+
+
+def wire_strategy(dtype: str, **kwargs) -> Savic:
+    options = dict(precond="rmsprop", precond_beta=0.5, precond_dtype=dtype, sampling_seed=0, min_train_nodes=2,
+                   min_available_nodes=2)
+    options.update(kwargs)
+    return Savic(**options)
+
+
+def train_messages(strategy: Savic, grid: FakeGrid, server_round: int = 1) -> dict[int, Message]:
+    messages = strategy.configure_train(server_round, record(X0), ConfigRecord({"lr": 0.1}), grid)
+    return {m.metadata.dst_node_id: m for m in messages}
+
+
+def array_bytes(arrays) -> int:
+    return sum(len(Array(np.ascontiguousarray(v)).data) for v in arrays.values())
+
+
+def flwr_warnings(action) -> list[str]:
+    import logging
+
+    records: list[logging.LogRecord] = []
+    handler = logging.Handler()
+    handler.emit = records.append  # type: ignore[method-assign]
+    logger = logging.getLogger("flwr")
+    logger.addHandler(handler)
+    try:
+        action()
+    finally:
+        logger.removeHandler(handler)
+    return [r.getMessage() for r in records if r.levelno == logging.WARNING]
+
+
+@pytest.mark.usefixtures("task_identity")
+def test_bfloat16_run_sends_bits_decodes_replies_and_counts_half_the_state_bytes():
+    strategy = wire_strategy("bfloat16")
+    grid = wire_grid("bfloat16")
+    messages = train_messages(strategy, grid)
+    assert strategy.precond_state["w"].tolist() == V0["w"].tolist()  # warm-up statistics decoded
+    sent = messages[A].content["precond"]
+    assert {k: (a.dtype, a.shape) for k, a in sent.items()} == {"w": ("uint16", (2, 2)), "b": ("uint16", (2,))}
+    bits = as_numpy(sent)
+    assert bits["w"].tolist() == [[0x4000] * 2] * 2 and bits["b"].tolist() == [0x4080] * 2  # 2.0 and 4.0
+    assert messages[A].content["config"]["precond-dtype"] == "bfloat16"
+    replies = [encoded_reply(messages[A], S_A, 1, "bfloat16", model=X0), encoded_reply(messages[B], S_B, 3, "bfloat16", model=X0)]
+    strategy.aggregate_train(1, replies)
+    assert {k: v.tolist() for k, v in strategy.precond_state.items()} == {k: v.tolist() for k, v in V1.items()}
+    assert all(v.dtype == np.float32 for v in strategy.precond_state.values())  # the server keeps float32
+    half_state = array_bytes({k: v.astype(np.uint16) for k, v in V0.items()})
+    model = array_bytes(X0)
+    row = strategy.history[1]
+    assert row["bytes_down"] == 2 * model + 2 * (model + half_state)  # warm-up queries, then model + state
+    assert row["bytes_up"] == 2 * half_state + 2 * (model + half_state)
+    assert (row["clients_ok"], row["clients_failed"]) == (2, 0)
+
+
+@pytest.mark.usefixtures("task_identity")
+def test_float16_run_carries_exponents_and_keeps_tiny_statistics():
+    strategy = wire_strategy("float16", precond_mode="local")  # the server averages the clients' states
+    messages = train_messages(strategy, wire_grid("float16"))
+    # the largest of v0's w is 2.0, in [2, 4): e = 13; of b, 4.0 in [4, 8): e = 12
+    assert dict(messages[A].content["precond" + SCALE_SUFFIX].items()) == {"w": 13, "b": 12}
+    tiny = {"w": np.full((2, 2), 1e-8, np.float32), "b": np.full(2, 2e-8, np.float32)}
+    replies = [encoded_reply(messages[m], tiny, n, "float16", model=X0) for m, n in ((A, 1), (B, 3))]
+    strategy.aggregate_train(1, replies)
+    # v1 = the clients' mean state = tiny: below float16's range, the scale keeps it (error < 2**-11)
+    assert tiny["b"].astype(np.float16).tolist() == [0.0, 0.0]
+    for key in tiny:
+        np.testing.assert_allclose(strategy.precond_state[key], tiny[key], rtol=2.0**-11)
+    assert strategy.history[1]["clients_ok"] == 2
+
+
+def _nan_bits(stats):
+    encoded = {k: v.astype(np.uint16) for k, v in stats.items()}
+    encoded["w"] = encoded["w"].copy()
+    encoded["w"][0, 0] = 0x7FC0
+    return encoded
+
+
+@pytest.mark.usefixtures("task_identity")
+@pytest.mark.parametrize(
+    "dtype, make_bad, reason",
+    [
+        ("bfloat16", lambda m: encoded_reply(m, S_B, 3, None, model=X0),
+         "client raised: precond-dtype bfloat16: stats[w] is float32[2, 2], expected uint16[2, 2]"),
+        ("float16", lambda m: encoded_reply(m, S_B, 3, "bfloat16", model=X0),
+         "client raised: precond-dtype float16: stats[w] is uint16[2, 2], expected float16[2, 2]"),
+        ("bfloat16", lambda m: encoded_reply(m, {**S_B, "w": np.array([[np.nan, 1], [1, 1]], np.float32)}, 3, "bfloat16", model=X0),
+         "stats[w] contains NaN or Inf"),
+        ("bfloat16", lambda m: encoded_reply(m, {**S_B, "b": np.array([np.inf, 1], np.float32)}, 3, "bfloat16", model=X0),
+         "stats[b] contains NaN or Inf"),
+        ("float16", lambda m: encoded_reply(m, {**S_B, "b": np.array([np.nan, 1], np.float32)}, 3, "float16", model=X0),
+         "stats[b] contains NaN or Inf"),
+        ("bfloat16", lambda m: encoded_reply(m, {**S_B, "b": np.array([-2, 1], np.float32)}, 3, "bfloat16", model=X0),
+         "stats[b] has negative entries, impossible for this rule"),
+    ],
+    ids=["float32-in-bfloat16-run", "bfloat16-in-float16-run", "nan-bf16", "inf-bf16", "nan-fp16", "negative-bf16"],
+)
+def test_bad_encoded_statistics_are_rejected_after_decoding(dtype, make_bad, reason):
+    strategy = wire_strategy(dtype)
+    messages = train_messages(strategy, wire_grid(dtype))
+    good = encoded_reply(messages[A], S_A, 1, dtype, model=X0)
+    logged = flwr_warnings(lambda: strategy.aggregate_train(1, [good, make_bad(messages[B])]))
+    assert (strategy.history[1]["clients_ok"], strategy.history[1]["clients_failed"]) == (1, 1)
+    assert any(f"node {B}: " in line and reason in line for line in logged), logged
+    # only A's statistic: v1 = 0.5 v0 + 0.5 S_A
+    assert strategy.precond_state["b"].tolist() == (0.5 * V0["b"] + 0.5 * S_A["b"]).tolist()
+
+
+@pytest.mark.usefixtures("task_identity")
+def test_float16_reply_without_its_exponents_is_rejected():
+    strategy = wire_strategy("float16")
+    messages = train_messages(strategy, wire_grid("float16"))
+    bad = encoded_reply(messages[B], S_B, 3, "float16", model=X0)
+    bad.content.pop("stats" + SCALE_SUFFIX)
+    logged = flwr_warnings(lambda: strategy.aggregate_train(1, [encoded_reply(messages[A], S_A, 1, "float16", model=X0), bad]))
+    assert strategy.history[1]["clients_failed"] == 1
+    assert any("precond-dtype float16: no float16 scale exponent for ['b', 'w']" in line for line in logged), logged
+
+
+@pytest.mark.usefixtures("task_identity")
+def test_warmup_statistic_in_the_wrong_encoding_is_left_out_of_v0():
+    strategy = wire_strategy("bfloat16")
+    logged = flwr_warnings(lambda: train_messages(strategy, wire_grid("bfloat16", warm_dtype_b=None)))
+    assert strategy.precond_state["w"].tolist() == WARM_A["w"].tolist()  # A's alone
+    assert any(f"node {B}" in line and "expected uint16[2, 2]" in line for line in logged), logged
+
+
+@pytest.mark.usefixtures("task_identity")
+@pytest.mark.parametrize(
+    "stats, dtype, ok",
+    [
+        ({"b": np.ones(2, np.float32)}, "bfloat16", True),  # a subset of the model's arrays
+        ({"b": np.ones(2, np.float32)}, None, False),  # float32 in a bfloat16 run
+        ({"zzz": np.ones(2, np.float32)}, "bfloat16", False),  # not an array of the model
+    ],
+)
+def test_first_statistics_without_a_server_state_follow_the_encoding(stats, dtype, ok):
+    strategy = wire_strategy("bfloat16", precond_init="ones")
+    messages = train_messages(strategy, FakeGrid([A, B], {}))
+    assert "precond" not in messages[A].content.array_records  # v = 1: nothing to send
+    strategy.aggregate_train(1, [encoded_reply(messages[A], stats, 1, dtype, model=X0)])
+    assert strategy.history[1]["clients_ok"] == int(ok)
+    if ok:  # 0.5 * 1 + 0.5 * 1
+        assert strategy.precond_state["b"].tolist() == [1.0, 1.0]
+
+
+@pytest.mark.usefixtures("task_identity")
+def test_float32_default_sends_the_same_bytes_as_numpy_to_record():
+    strategy = wire_strategy(None)
+    messages = train_messages(strategy, wire_grid("float32"))
+    sent = messages[A].content["precond"]
+    assert {k: bytes(a.data) for k, a in sent.items()} == {k: bytes(Array(v).data) for k, v in V0.items()}
+    assert "precond" + SCALE_SUFFIX not in messages[A].content
+    assert isinstance(sent, ArrayRecord)

@@ -161,6 +161,10 @@ def test_resolved_is_idempotent_and_validates():
         ({"precond": "adamm"}, "did you mean 'adam'?"),
         ({"precond_mode": "glob"}, "did you mean 'global'?"),
         ({"precond_init": "warm"}, "did you mean 'warmup'?"),
+        ({"precond_dtype": "bf16"}, "precond-dtype: unknown value 'bf16'; did you mean 'bfloat16'?"),
+        ({"precond_dtype": "int8"}, "precond-dtype: unknown value 'int8'; known: float32, bfloat16, float16"),
+        ({"precond_every": 0}, "precond-every must be an integer >= 1, got 0"),
+        ({"precond_every": 2.0}, "precond-every must be an integer, got 2.0"),
         ({"dataset": "digit"}, "did you mean 'digits'?"),
         ({"eval_split": "valid"}, "did you mean 'validation'?"),
         ({"model": "cnnn"}, "did you mean 'cnn'?"),
@@ -230,6 +234,8 @@ def test_validate_rejects(kwargs, fragment):
         {"num_clients": 1, "clients_per_round": 1, "min_successful_clients": 1},
         {"seed": 2**32 - 1},
         {"checkpoint_every": 0},
+        {"precond_dtype": "float16", "precond_every": 1},
+        {"strategy": "fedavg", "precond_dtype": "bfloat16", "precond_every": 5},  # accepted; no state to send
         {"lr": 1, "precond_alpha": 1},  # ints where floats go
         {"dataset": "wine", "num_clients": 3, "model": "mlp"},
     ],
@@ -265,7 +271,7 @@ def test_every_option_is_checked():
            "dirichlet_alpha": 0.0, "wait_for_nodes_s": 0.0, "strategy": "x", "precond": "x", "precond_mode": "x",
            "precond_init": "x", "dataset": "x", "eval_split": "x", "model": "x", "out": "\0", "label_column": "",
            "test_path": "missing.csv", "server_tau": 0.0, "proximal_mu": -1.0, "partitioner": "x", "shard_classes": 0,
-           "client_eval_every": -1}
+           "client_eval_every": -1, "precond_dtype": "bf16", "precond_every": 0}
     for name, value in bad.items():
         with pytest.raises(ConfigError):
             replace(RunConfig(), **{name: value}).validate()

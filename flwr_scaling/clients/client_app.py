@@ -4,14 +4,22 @@ Messages carry the run's resolved configuration (ConfigRecord ``config``),
 the global model (``arrays``) and, from the second round or after the warm-up,
 the preconditioner state (``precond``). Replies carry the model, the statistic
 or state (``stats``) and a MetricRecord with ``num-examples`` and ``train_loss``.
+
+The state and the statistic travel encoded as the config's ``precond-dtype``
+says (``flwr_scaling.codec``). With ``precond-every K`` the server sends the
+state only when it changes for this node: the config's ``precond-version``
+names the round whose state to train with, and the node keeps the last state
+it received in ``context.state``, the one place that persists between
+messages (in deployment every message may run in a fresh process).
 """
 
 from __future__ import annotations
 
-from flwr.app import Context, Message, MetricRecord, RecordDict
+from flwr.app import ConfigRecord, Context, Error, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
 from ..arrays import numpy_to_record, record_to_numpy
+from ..codec import SCALE_SUFFIX, VERSION_KEY, put_encoded, take_encoded
 from ..config import ConfigError, RunConfig
 from ..training import evaluate as evaluate_model
 from . import node_data
@@ -19,10 +27,56 @@ from .logic import _loaded_model, local_round, local_statistic
 
 app = ClientApp()
 
+# Keys the server adds to the run configuration for one round only.
+ROUND_KEYS = ("server-round", VERSION_KEY)
+# context.state entries: the last state received, as it came (encoded), and its version and encoding.
+CACHED_STATE = "precond-cache"
+CACHED_INFO = "precond-cache-info"
+# Error code of a reply that could not train because the state it needs never arrived.
+MISSING_STATE_ERROR = 4601
+
+
+class MissingStateError(Exception):
+    """The server expects this node to hold a state it does not hold (it resends it next time)."""
+
 
 def _config(message: Message) -> RunConfig:
-    values = {k: v for k, v in message.content["config"].items() if k != "server-round"}
+    values = {k: v for k, v in message.content["config"].items() if k not in ROUND_KEYS}
     return RunConfig.from_mapping(values).resolved()
+
+
+def round_state(content: RecordDict, context: Context, dtype: str) -> dict | None:
+    """The float32 preconditioner state to train with this round, or ``None`` (v = 1, or no state).
+
+    A state in the message is used and, when it has a version, kept in
+    ``context.state``; without one, the cached state must be of the version
+    the config names, else ``MissingStateError``.
+    """
+    version = content["config"].get(VERSION_KEY)
+    if "precond" in content.array_records:
+        state = take_encoded(content, "precond", dtype=dtype)
+        if version is not None:
+            context.state[CACHED_STATE] = content["precond"]
+            info = {"version": int(version), "dtype": dtype}
+            scale = content.get("precond" + SCALE_SUFFIX)
+            info.update({f"scale:{key}": value for key, value in (scale.items() if scale is not None else [])})
+            context.state[CACHED_INFO] = ConfigRecord(info)
+        return state
+    if version is None:
+        return None
+    info = context.state.get(CACHED_INFO)
+    held = (int(info["version"]), str(info["dtype"])) if info is not None and CACHED_STATE in context.state else None
+    if held != (int(version), dtype):
+        have = "none" if held is None else f"round {held[0]}'s in {held[1]}"
+        raise MissingStateError(
+            f"precond-every: this node holds no preconditioner state of round {version} in {dtype} "
+            f"(it holds {have}); the server must send it"
+        )
+    cached = RecordDict({"precond": context.state[CACHED_STATE]})
+    exponents = {key[len("scale:"):]: value for key, value in info.items() if key.startswith("scale:")}
+    if exponents:
+        cached["precond" + SCALE_SUFFIX] = ConfigRecord(exponents)
+    return take_encoded(cached, "precond", dtype=dtype)
 
 
 def _partition_id(context: Context, cfg: RunConfig) -> int:
@@ -36,7 +90,11 @@ def train(message: Message, context: Context) -> Message:
     cfg = _config(message)
     partition_id = _partition_id(context, cfg)
     content = message.content
-    state = record_to_numpy(content["precond"]) if "precond" in content.array_records else None
+    try:
+        state = round_state(content, context, cfg.precond_dtype)
+    except MissingStateError as problem:
+        # An error reply, not an exception: the server counts it as failed and resends the state.
+        return Message(Error(code=MISSING_STATE_ERROR, reason=str(problem)), reply_to=message)
     result = local_round(
         cfg,
         node_data.train_split(context.node_config, cfg),
@@ -52,7 +110,7 @@ def train(message: Message, context: Context) -> Message:
         }
     )
     if result.payload is not None:
-        reply["stats"] = numpy_to_record(result.payload)
+        put_encoded(reply, "stats", result.payload, dtype=cfg.precond_dtype)
     return Message(content=reply, reply_to=message)
 
 
@@ -63,7 +121,8 @@ def precond_stats(message: Message, context: Context) -> Message:
     partition_id = _partition_id(context, cfg)
     split = node_data.train_split(context.node_config, cfg)
     statistic = local_statistic(cfg, split, record_to_numpy(message.content["arrays"]), partition_id)
-    reply = RecordDict({"stats": numpy_to_record(statistic), "metrics": MetricRecord({"num-examples": len(split)})})
+    reply = RecordDict({"metrics": MetricRecord({"num-examples": len(split)})})
+    put_encoded(reply, "stats", statistic, dtype=cfg.precond_dtype)
     return Message(content=reply, reply_to=message)
 
 

@@ -9,19 +9,35 @@ from collections.abc import Callable, Iterable
 from logging import INFO, WARNING
 
 import numpy as np
-from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Error, Message, MessageType, MetricRecord, RecordDict
+from flwr.app.message.message import make_message
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
 from flwr.supercore import log
 
 from ..aggregation import next_model, next_state, warmup_state
 from ..arrays import content_bytes, numpy_to_record, record_views, weighted_average
+from ..codec import (
+    DTYPE_KEY,
+    DTYPES,
+    SCALE_SUFFIX,
+    VERSION_KEY,
+    check_dtype,
+    decode,
+    exponents_problem,
+    put_encoded,
+    wire_dtype,
+)
 from ..rules import diagonal_bounds, get_rule
 from ..training import MODES
 from .screening import describe, reply_problem
 
 WARMUP_MESSAGE_TYPE = f"{MessageType.QUERY}.precond_stats"
 INITS = ("warmup", "ones")
+# Train-config key read when ``precond_every`` is not given (this project's run option).
+EVERY_KEY = "precond-every"
+# Error code given to a reply whose statistic is not encoded as the run's precond-dtype says.
+WRONG_ENCODING_ERROR = 4602
 
 
 class Savic(FedAvg):
@@ -54,6 +70,19 @@ class Savic(FedAvg):
     precond_init : str (default: "warmup")
         "warmup" (v⁰ = mean statistic at x⁰, one extra query round) or
         "ones" (v⁰ = 1: the first round is plain Local SGD).
+    precond_dtype : str | None (default: None)
+        Encoding of the state sent down and of the statistics (or states)
+        sent up: "float32", "bfloat16" or "float16" (``flwr_scaling.codec``);
+        the server keeps float32. It is written into the train config
+        (``precond-dtype``) for the clients. ``None``: the train config's
+        ``precond-dtype`` when it has one, else "float32".
+    precond_every : int | None (default: None)
+        Send the state only in rounds 1, 1 + K, 1 + 2K, ... (and in the first
+        round this strategy runs, e.g. after a resume); in between, clients
+        train with the state of the last such round, which they keep. A node
+        that lacks that version (not sampled at the refresh, or its reply
+        failed) gets it whenever it is sampled. ``None``: the train config's
+        ``precond-every`` when it has one, else 1.
     server_lr : float (default: 1.0)
         Server step size η: x ← x + η (mean(x_m) − x). 1.0 is FedAvg.
     min_successful_clients : int (default: 1)
@@ -99,6 +128,8 @@ class Savic(FedAvg):
         precond_beta: float = 0.99,
         precond_alpha: float = 1e-3,
         precond_init: str = "warmup",
+        precond_dtype: str | None = None,
+        precond_every: int | None = None,
         server_lr: float = 1.0,
         min_successful_clients: int = 1,
         sampling_seed: int | None = None,
@@ -139,6 +170,7 @@ class Savic(FedAvg):
             raise ValueError(f"precond_alpha must be > 0, got {precond_alpha}")
         if not server_lr > 0:
             raise ValueError(f"server_lr must be > 0, got {server_lr}")
+        _check_wire_options(precond_dtype, precond_every)
         self.precond_mode = precond_mode
         self.precond_beta = precond_beta
         self.precond_alpha = precond_alpha
@@ -163,6 +195,19 @@ class Savic(FedAvg):
         self._timeout = 3600.0
         self._round: dict[str, float] = {}
         self._sent_arrays: ArrayRecord | None = None
+        self.precond_dtype = precond_dtype
+        self.precond_every = precond_every
+        # What clients train with between refreshes: the state of the last refresh
+        # round, encoded once (None: v = 1, or no state), its version (the round it
+        # was sent for) and its D̂ bounds.
+        self._broadcast: RecordDict | None = None
+        self._broadcast_version: int | None = None
+        self._broadcast_bounds: tuple[float, float] = (1.0, 1.0)
+        # node id -> version of the state it last acknowledged with a good reply:
+        # all the strategy keeps per client.
+        self._delivered: dict[int, int] = {}
+        self._round_version: int | None = None
+        self._refreshed = False  # the first round this strategy runs always sends the state
 
     # ----------------------------------------------------------------- Flower API
     def summary(self) -> None:
@@ -171,6 +216,10 @@ class Savic(FedAvg):
         log(INFO, "\t│\t├──Rule: %s | mode: %s | init: %s", self.rule.name, self.precond_mode, self.precond_init)
         log(INFO, "\t│\t├──beta: %g | alpha (D̂ >= alpha): %g", self.precond_beta, self.precond_alpha)
         log(INFO, "\t│\t├──Server step size: %g", self.server_lr)
+        log(
+            INFO, "\t│\t├──State on the wire: %s, sent every %s round(s)",
+            self.precond_dtype or "as the train config says", self.precond_every or "as the train config says",
+        )
         log(INFO, "\t│\t└──Keys: precond '%s' | stats '%s'", self.precond_key, self.stats_key)
         super().summary()
 
@@ -182,21 +231,37 @@ class Savic(FedAvg):
     def configure_train(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
-        """Sample clients, warm the preconditioner up if needed, send model and state."""
+        """Sample clients, warm the preconditioner up if needed, send the model, and the
+        state to the sampled nodes that do not hold its current version."""
         self._round = {"bytes_down": 0, "bytes_up": 0}
         self._sent_arrays = arrays
         if self.fraction_train == 0.0:
             return []
         node_ids = self._sample_nodes(grid, self.fraction_train, self.min_train_nodes)
-        config["server-round"] = server_round + self.round_offset
+        true_round = server_round + self.round_offset
+        config["server-round"] = true_round
+        self._resolve_wire_options(config)
         if self.rule.has_state and self.precond_state is None and self.precond_init == "warmup":
             self._warm_up(node_ids, arrays, config, grid)
-        record = RecordDict({self.arrayrecord_key: arrays, self.configrecord_key: config})
-        if self.precond_state is not None:
-            record[self.precond_key] = numpy_to_record(self.precond_state)
-        low, high = self.precond_bounds()
+        if not self._refreshed or (true_round - 1) % self.precond_every == 0:
+            self._refresh_broadcast(true_round)
+        low, high = self._broadcast_bounds
         self._round.update(precond_min=low, precond_max=high)
-        messages = self._construct_messages(record, node_ids, MessageType.TRAIN)
+        self._round_version = self._broadcast_version
+        plain = RecordDict({self.arrayrecord_key: arrays, self.configrecord_key: config})
+        if self._broadcast is None:
+            config.pop(VERSION_KEY, None)
+            messages = self._construct_messages(plain, node_ids, MessageType.TRAIN)
+        else:
+            config[VERSION_KEY] = self._broadcast_version
+            with_state = RecordDict({**plain, **self._broadcast})
+            messages = [
+                message
+                for node in node_ids
+                for message in self._construct_messages(
+                    plain if self._delivered.get(node) == self._round_version else with_state, [node], MessageType.TRAIN
+                )
+            ]
         self._round["bytes_down"] += sum(content_bytes(m.content) for m in messages)
         return messages
 
@@ -207,6 +272,7 @@ class Savic(FedAvg):
         server_round += self.round_offset
         replies = list(replies)
         self._round["bytes_up"] += sum(content_bytes(m.content) for m in replies if not m.has_error())
+        replies = self._received_train_replies(replies)  # precond-every bookkeeping; precond-dtype decoding
         # A fixed order of summation makes the float averages identical from run to run.
         accepted = sorted(self._screen(replies, stats_layout=self._stats_layout()), key=self._reply_order)
         failed = len(replies) - len(accepted)
@@ -338,6 +404,7 @@ class Savic(FedAvg):
         self._round["bytes_down"] += sum(content_bytes(m.content) for m in queries)
         replies = list(grid.send_and_receive(messages=queries, timeout=self._timeout))
         self._round["bytes_up"] += sum(content_bytes(m.content) for m in replies if not m.has_error())
+        replies = self._decode_replies(replies)
         accepted = self._screen(replies, stats_layout=None, with_model=False)
         if not accepted:
             log(WARNING, "Warm-up: no usable statistic; starting from v = 1 (precond-init 'ones')")
@@ -347,10 +414,118 @@ class Savic(FedAvg):
         self.precond_state = warmup_state(stats, [self._weight(m) for m in accepted])
         log(INFO, "Warm-up: v⁰ from %d clients; D̂ in [%.3g, %.3g]", len(accepted), *self.precond_bounds())
 
-    def _stats_layout(self):
+    def _stats_layout(self, *, wire: bool = False):
+        """``{key: (shape, dtype)}`` a reply's statistic (or state) must have; ``None`` while the
+        server has no state. ``wire``: with the dtype it travels in (``precond_dtype``), not float32."""
         if self.precond_state is None:
             return None
-        return {key: (tuple(value.shape), str(value.dtype)) for key, value in self.precond_state.items()}
+        dtype = str(wire_dtype(self.precond_dtype or "float32")) if wire else None
+        return {key: (tuple(value.shape), dtype or str(value.dtype)) for key, value in self.precond_state.items()}
+
+    # ------------------------------------------------- precond-dtype / precond-every
+    def _resolve_wire_options(self, config: ConfigRecord) -> None:
+        """Take ``precond_dtype`` / ``precond_every`` from the train config where not given; tell the clients the dtype."""
+        if self.precond_dtype is None:
+            self.precond_dtype = str(config.get(DTYPE_KEY, "float32"))
+        if self.precond_every is None:
+            self.precond_every = config.get(EVERY_KEY, 1)
+        _check_wire_options(self.precond_dtype, self.precond_every)
+        if self.rule.has_state:
+            config[DTYPE_KEY] = self.precond_dtype
+
+    def _refresh_broadcast(self, true_round: int) -> None:
+        """Encode the current state once, as the version of ``true_round``, for every node to receive."""
+        self._refreshed = True
+        state = self.precond_state if self.rule.has_state else None
+        if state is None:  # nothing to send: v = 1 ("ones") or no preconditioner
+            self._broadcast, self._broadcast_version = None, None
+            self._broadcast_bounds = self.precond_bounds()
+            return
+        self._broadcast = RecordDict()
+        put_encoded(self._broadcast, self.precond_key, state, dtype=self.precond_dtype)
+        self._broadcast_version = true_round
+        # The bounds of the D̂ the clients will use: of the decoded state, rounding included.
+        sent = self._decode_record(self._broadcast, self.precond_key)
+        self._broadcast_bounds = diagonal_bounds(self.rule.diagonal(sent, self.precond_alpha))
+
+    def _received_train_replies(self, replies: list[Message]) -> list[Message]:
+        """Note which nodes now hold this round's state version, then decode the payloads.
+
+        A good reply proves the node held the version; after an error reply the
+        node may have lost it (a fresh device, a failed process), so it gets the
+        state again the next time it is sampled.
+        """
+        for message in replies:
+            node = message.metadata.src_node_id
+            if message.has_error():
+                self._delivered.pop(node, None)
+            elif self._round_version is not None:
+                self._delivered[node] = self._round_version
+        return self._decode_replies(replies)
+
+    def _decode_replies(self, replies: list[Message]) -> list[Message]:
+        """The replies with their statistics (or states) decoded from ``precond_dtype`` to float32.
+
+        A statistic not encoded as the run says (a float32 array in a bfloat16
+        run, a float16 array without its exponent) turns its reply into an error
+        reply, rejected and counted like any failed client. NaN and Inf survive
+        decoding, so the screening that follows still rejects them.
+        """
+        if not self.rule.has_state or (self.precond_dtype or "float32") == "float32":
+            return replies
+        layout = self._stats_layout(wire=True)
+        decoded = []
+        for message in replies:
+            if message.has_error() or self.stats_key not in message.content.array_records:
+                decoded.append(message)  # the screening says what is wrong with it
+                continue
+            problem, arrays = self._decoded_payload(message.content, self.stats_key, layout)
+            if problem is not None:
+                error = Error(code=WRONG_ENCODING_ERROR, reason=f"precond-dtype {self.precond_dtype}: {problem}")
+                decoded.append(make_message(metadata=message.metadata, error=error))
+                continue
+            message.content[self.stats_key] = numpy_to_record(arrays)
+            message.content.pop(self.stats_key + SCALE_SUFFIX, None)
+            decoded.append(message)
+        return decoded
+
+    def _decoded_payload(self, content: RecordDict, key: str, layout) -> tuple[str | None, dict[str, np.ndarray] | None]:
+        """``(None, float32 arrays)`` from the encoded record ``content[key]``, or ``(problem, None)``.
+
+        ``layout`` is the exact ``{key: (shape, wire dtype)}`` expected; ``None``
+        before the server has a state: then any non-empty subset of the model's
+        arrays, with their shapes.
+        """
+        record = content[key]
+        dtype = self.precond_dtype or "float32"
+        if layout is None:
+            model = describe(self._sent_arrays) if self._sent_arrays is not None else {}
+            unknown = sorted(set(record.keys()) - set(model))
+            if unknown or not record.keys():
+                return f"{key} keys {unknown or '[]'} are not arrays of the model", None
+            layout = {name: (model[name][0], str(wire_dtype(dtype))) for name in record.keys()}
+        if set(record.keys()) != set(layout):
+            missing, extra = sorted(set(layout) - set(record.keys())), sorted(set(record.keys()) - set(layout))
+            return f"{key} has wrong keys (missing {missing}, unexpected {extra})", None
+        for name, array in record.items():
+            shape, expected = layout[name]
+            if tuple(array.shape) != shape or array.dtype != expected:
+                return f"{key}[{name}] is {array.dtype}{list(array.shape)}, expected {expected}{list(shape)}", None
+        if dtype == "float16":
+            scale = content.get(key + SCALE_SUFFIX)
+            problem = exponents_problem(dict(scale.items()) if isinstance(scale, ConfigRecord) else {}, list(record.keys()))
+            if problem is not None:
+                return problem, None
+        try:
+            return None, self._decode_record(content, key)
+        except ValueError as error:
+            return f"{key} cannot be decoded ({error})", None
+
+    def _decode_record(self, content: RecordDict, key: str) -> dict[str, np.ndarray]:
+        """Float32 arrays from ``content[key]`` encoded as ``precond_dtype`` (views where float32)."""
+        scale = content.get(key + SCALE_SUFFIX)
+        exponents = dict(scale.items()) if isinstance(scale, ConfigRecord) else None
+        return decode(record_views(content[key]), dtype=self.precond_dtype or "float32", exponents=exponents)
 
     def _reply_order(self, message: Message) -> tuple:
         """Node rank when known, else a digest of the reply's leading bytes: stable across runs."""
@@ -397,3 +572,16 @@ class Savic(FedAvg):
             if stats_layout is None and self.rule.has_state:
                 stats_layout = describe(message.content[self.stats_key])
         return accepted
+
+
+def _check_wire_options(precond_dtype: str | None, precond_every: int | None) -> None:
+    """One-line ``ValueError`` for a bad ``precond_dtype`` or ``precond_every`` (``None``: not given yet)."""
+    if precond_dtype is not None:
+        try:
+            check_dtype(precond_dtype)
+        except ValueError:
+            raise ValueError(f"precond_dtype must be one of {DTYPES}, got {precond_dtype!r}") from None
+    if precond_every is not None and (
+        not isinstance(precond_every, int) or isinstance(precond_every, bool) or precond_every < 1
+    ):
+        raise ValueError(f"precond_every must be an integer >= 1, got {precond_every!r}")
