@@ -26,6 +26,7 @@ COLUMNS = (
     "client_acc_mean",
     "client_acc_std",
     "client_acc_worst10",
+    "f_gap",  # f(x) - f* of the convex logreg objective (objective.py); blank for other models
 )
 
 
@@ -77,10 +78,11 @@ class RunRecorder:
         self._write()
         megabytes = (row["bytes_down"] + row["bytes_up"]) / 1e6
         failed = f"  {row['clients_failed']} clients rejected" if row.get("clients_failed") else ""
+        gap = f"  f-f* {row['f_gap']:.3g}" if row.get("f_gap", "") != "" else ""
         print(
             f"[{self.label}] round {row['round']}/{self.rounds}  test_acc {row['test_accuracy']:.3f}  "
             f"test_loss {row['test_loss']:.3f}  train_loss {row['train_loss']:.3f}  "
-            f"D̂ [{row['precond_min']:.2g}, {row['precond_max']:.2g}]  {megabytes:.2f} MB  {row['wall_s']:.2f} s{failed}",
+            f"D̂ [{row['precond_min']:.2g}, {row['precond_max']:.2g}]  {megabytes:.2f} MB  {row['wall_s']:.2f} s{gap}{failed}",
             file=self.stream,
             flush=True,
         )

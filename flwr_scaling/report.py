@@ -124,7 +124,26 @@ def seed_group_summary(runs: Sequence[Sequence[Mapping[str, float]]], target: fl
         "mb_to_target_mean": statistics.fmean(mb for _, mb in reached) if reached else None,
         "mb_total_mean": statistics.fmean(megabytes_until(rows) for rows in runs),
         "max_gamma_over_alpha": max(_gamma_over_alpha(r) for rows in runs for r in rows),
+        # Convex problems (logreg): the optimality gap f(x) - f* after the last round.
+        "final_gap_mean": statistics.fmean(gaps) if (gaps := _finals(runs, "f_gap")) else None,
+        "final_gap_std": spread(gaps) if gaps else None,
+        # Runs with client evaluation: the worst-10 % clients' accuracy at the last evaluated round.
+        "final_worst10_mean": statistics.fmean(worst) if (worst := _finals(runs, "client_acc_worst10")) else None,
+        "final_worst10_std": spread(worst) if worst else None,
     }
+
+
+def _finals(runs: Sequence[Sequence[Mapping[str, float]]], column: str) -> list[float]:
+    """Each run's last finite value of ``column``; empty unless every run has one."""
+    import math
+
+    finals = []
+    for rows in runs:
+        values = [row[column] for row in rows if math.isfinite(row.get(column, math.nan))]
+        if not values:
+            return []
+        finals.append(values[-1])
+    return finals
 
 
 def _gamma_over_alpha(row: Mapping[str, float]) -> float:

@@ -16,6 +16,7 @@ from .checkpoint import Checkpoint, save_checkpoint
 from .arrays import numpy_to_record, numpy_to_torch, record_to_numpy, torch_to_numpy
 from .config import SERVER_OPTIMIZERS, ConfigError, RunConfig
 from .data import load_federated_data
+from .objective import optimality_gap
 from .recorder import RunRecorder
 from .seeding import derived_seed, initial_model
 from .strategies import Savic
@@ -115,7 +116,8 @@ def run_server(grid: Grid, config: RunConfig, resume: Checkpoint | None = None) 
             recorder.initial(true_round, test_loss, test_accuracy)
         else:
             history = strategy.history[true_round]
-            recorder.add({"round": true_round, "test_loss": test_loss, "test_accuracy": test_accuracy, **history})
+            gap = {"f_gap": optimality_gap(current, cfg.data_spec())} if cfg.model == "logreg" else {}
+            recorder.add({"round": true_round, "test_loss": test_loss, "test_accuracy": test_accuracy, **history, **gap})
             every = cfg.checkpoint_every
             if every and (true_round % every == 0 or true_round == cfg.rounds):
                 save_checkpoint(

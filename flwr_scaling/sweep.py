@@ -38,6 +38,7 @@ import itertools
 import json
 import logging
 import math
+import os
 import re
 import statistics
 import sys
@@ -557,7 +558,8 @@ def write_sweep_report(out_dir: str | Path) -> None:
     summary_columns = [*group_keys, *([] if "lr" in group_keys else ["lr"]), "seeds", "n_seeds",
                        "final_accuracy_mean", "final_accuracy_std", "best_accuracy_mean", "best_accuracy_std",
                        "target_accuracy", "rounds_to_target_mean", "reached_target", "mb_to_target_mean",
-                       "mb_total_mean", "max_gamma_over_alpha"]
+                       "mb_total_mean", "max_gamma_over_alpha", "final_gap_mean", "final_gap_std",
+                       "final_worst10_mean", "final_worst10_std"]
     summary, curves = [], {}
     for group in ordered:
         members = sorted(groups[group], key=lambda r: r["config"]["seed"])
@@ -577,6 +579,10 @@ def write_sweep_report(out_dir: str | Path) -> None:
     lines = [f"# Sweep {name}", "", context, ""] if context else [f"# Sweep {name}", ""]
     header = [*group_keys, *([] if "lr" in group_keys else ["lr"]), "seeds", "final acc", "best acc",
               f"rounds to {target:g}", f"MB to {target:g}", "MB total", "max Γ/α"]
+    # Optional columns, shown when every group has them: f - f* (logreg) and the worst clients' accuracy.
+    extras = [(key, title) for key, title in (("final_gap", "final f − f*"), ("final_worst10", "final worst-10 % client acc"))
+              if all(stats[f"{key}_mean"] is not None for _, _, stats in summary)]
+    header += [title for _, title in extras]
     lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for group, row, stats in summary:
         n = stats["n_seeds"]
@@ -591,6 +597,10 @@ def write_sweep_report(out_dir: str | Path) -> None:
             _fixed(stats["mb_total_mean"], 2),
             f"{stats['max_gamma_over_alpha']:.3g}",
         ]
+        for key, _ in extras:
+            mean, std = stats[f"{key}_mean"], stats[f"{key}_std"]
+            cells.append(f"{mean:.3g}" + ("" if std is None else f" ± {std:.2g}") if key == "final_gap"
+                         else _pm(mean, std))
         lines.append("| " + " | ".join(cells) + " |")
     lines += [
         "",
@@ -598,6 +608,10 @@ def write_sweep_report(out_dir: str | Path) -> None:
         f"accuracy is >= {target:g}, mean over the seeds that reached it (how many in brackets). MB: bytes sent "
         f"down and up (10^6). Γ/α: largest precond_max / precond_min over rounds and seeds.",
     ]
+    partitions = _collect_partition_plots(out, [run for run, _ in finished])
+    if partitions:
+        lines += ["", "Label distribution of each client (one heatmap per distinct partition): "
+                  + ", ".join(f"[{name}](partitions/{name}.png)" for name in partitions)]
     if missing:
         lines += ["", f"Not finished ({len(missing)} of {len(runs)} runs): " + ", ".join(missing)]
     write_atomic(out / "summary.md", "\n".join(lines) + "\n")
@@ -617,6 +631,13 @@ def write_sweep_report(out_dir: str | Path) -> None:
                      title=f"{name}: preconditioner spread Γ/α = max D̂ / min D̂, mean and min–max over seeds"
                            f"\n{subtitle}".rstrip(),
                      xlabel="round", ylabel="precond_max / precond_min (log scale)")
+    gap = out / "optimality_gap.png"
+    if any(math.isfinite(row.get("f_gap", math.nan)) for runs in curves.values() for rows in runs for row in rows):
+        plot_seed_groups(curves, gap, x="round", y="f_gap", styles=styles, log_y=True,
+                         title=f"{name}: optimality gap f(x) − f* of the convex objective, {over}\n{subtitle}".rstrip(),
+                         xlabel="round", ylabel="f(x) − f* (log scale)")
+    else:
+        gap.unlink(missing_ok=True)
     worst = out / "client_worst10.png"
     if any(math.isfinite(row.get("client_acc_worst10", math.nan)) for runs in curves.values() for rows in runs for row in rows):
         # Heterogeneity hurts the worst clients first: runs with --client-eval-every get this plot.
@@ -625,6 +646,36 @@ def write_sweep_report(out_dir: str | Path) -> None:
                          xlabel="round", ylabel="worst-10 % client accuracy (own held-out data)")
     else:
         worst.unlink(missing_ok=True)
+
+
+PARTITION_KEYS = ("dataset", "test-path", "partitioner", "dirichlet-alpha", "shard-classes", "num-clients",
+                  "client-eval-every", "eval-split", "seed")
+
+
+def _collect_partition_plots(out: Path, runs: Sequence[Mapping[str, Any]]) -> list[str]:
+    """One label-distribution heatmap per distinct partition of the finished runs, in ``OUT/partitions/``,
+    named by the settings that make the partition (a partition does not depend on the method)."""
+    folder = out / "partitions"
+    wanted = {}
+    for run in runs:
+        config = run["config"]
+        varying = {key: config.get(key) for key in PARTITION_KEYS}
+        name = run_name({k: v for k, v in varying.items() if k in ("partitioner", "dirichlet-alpha",
+                                                                     "num-clients", "seed")})
+        source = out / RUNS / run["name"] / "partitions.png"
+        if name not in wanted and source.is_file():
+            wanted[name] = source
+    if not wanted:
+        return []
+    folder.mkdir(exist_ok=True)
+    for name, source in wanted.items():
+        target = folder / f"{name}.png"
+        data = source.read_bytes()
+        if not target.is_file() or target.read_bytes() != data:
+            tmp = folder / f".{name}.tmp"
+            tmp.write_bytes(data)
+            os.replace(tmp, target)
+    return list(wanted)
 
 
 def _csv(columns: Sequence[str], rows: Sequence[Mapping[str, Any]]) -> str:
