@@ -17,6 +17,7 @@ simulation engine; results are the same (``tests/test_inprocess.py``: equal
 from __future__ import annotations
 
 import contextlib
+import os
 from collections.abc import Iterable
 from pathlib import Path
 from uuid import uuid4
@@ -26,6 +27,7 @@ from flwr.common.constant import SUPERLINK_NODE_ID, ErrorCode
 from flwr.common.serde import message_from_proto, message_to_proto
 from flwr.serverapp import Grid
 from flwr.supercore.task_identity import TaskIdentity
+import torch
 
 from .checkpoint import Checkpoint
 from .config import RunConfig
@@ -49,6 +51,22 @@ def _server_identity():
         yield
     finally:
         TaskIdentity._task_id, TaskIdentity._run_id, TaskIdentity._node_id = saved
+
+
+@contextlib.contextmanager
+def _threads():
+    """One torch thread unless OMP_NUM_THREADS says otherwise, as each simulation actor has.
+
+    The models here are small: a second thread gains little on an idle machine,
+    and on a busy one the threads' spin-waiting costs dearly (an a9a logreg
+    round took 12-19 s with two threads at load 6, 0.25 s with one).
+    """
+    saved = torch.get_num_threads()
+    torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
+    try:
+        yield
+    finally:
+        torch.set_num_threads(saved)
 
 
 class InProcessGrid(Grid):
@@ -145,7 +163,7 @@ def run_inprocess(
     prepare_output(cfg, resume)
     quiet_flower(verbose)
     grid = InProcessGrid(client_app=client_app or default_client_app, num_nodes=cfg.num_clients)
-    with _server_identity():
+    with _server_identity(), _threads():
         run_server(grid, cfg, resume)
     metrics = Path(cfg.out) / "metrics.csv"
     rows = read_metrics(metrics) if metrics.exists() else []
