@@ -32,9 +32,23 @@ def next_state(
     ``local``: ``v_{p+1} = Σ w_m v_m`` (payloads are the clients' states).
     A ``None`` state stands for v = 1 (``precond-init = "ones"``).
     """
-    average = weighted_average(payloads, weights)
+    return state_from_average(rule, mode, state, weighted_average(payloads, weights), beta)
+
+
+def state_from_average(
+    rule: ScalingRule,
+    mode: str,
+    state: Mapping[str, np.ndarray] | None,
+    average: Mapping[str, np.ndarray],
+    beta: float,
+) -> NumpyArrays:
+    """``next_state`` from the payloads' weighted average ``Σ w_m p_m``, already computed.
+
+    The strategy averages the payloads together with its value checks, so it
+    hands the average over instead of the payloads.
+    """
     if mode == "local":
-        return average
+        return dict(average)
     current = dict(state) if state is not None else ones_like(average)
     updated = rule.update(current, average, beta)
     return {k: np.asarray(v, dtype=np.float32) for k, v in updated.items()}

@@ -7,6 +7,7 @@ import random
 import time
 from collections.abc import Callable, Iterable
 from logging import INFO, WARNING
+from typing import NamedTuple
 
 import numpy as np
 from flwr.app import ArrayRecord, ConfigRecord, Error, Message, MessageType, MetricRecord, RecordDict
@@ -15,8 +16,8 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
 from flwr.supercore import log
 
-from ..aggregation import next_model, next_state, warmup_state
-from ..arrays import content_bytes, numpy_to_record, record_views, weighted_average
+from ..aggregation import next_model, state_from_average, warmup_state
+from ..arrays import checked_weighted_average, content_bytes, numpy_to_record, record_views
 from ..codec import (
     DTYPE_KEY,
     DTYPES,
@@ -30,7 +31,7 @@ from ..codec import (
 )
 from ..rules import diagonal_bounds, get_rule
 from ..training import MODES
-from .screening import describe, reply_problem
+from .screening import describe, reply_problem, split_records
 
 WARMUP_MESSAGE_TYPE = f"{MessageType.QUERY}.precond_stats"
 INITS = ("warmup", "ones")
@@ -273,24 +274,38 @@ class Savic(FedAvg):
         replies = list(replies)
         self._round["bytes_up"] += sum(content_bytes(m.content) for m in replies if not m.has_error())
         replies = self._received_train_replies(replies)  # precond-every bookkeeping; precond-dtype decoding
+        # Screen the layouts only, then check the values of all accepted replies
+        # at once on their averages (no pass over each reply's data just for
+        # the checks). Only when that finds a bad value, screen again reply by
+        # reply with every check, which names the culprits and leaves them out.
+        accepted, rejections = self._screen_replies(replies, self._stats_layout(), check_values=False)
         # A fixed order of summation makes the float averages identical from run to run.
-        accepted = sorted(self._screen(replies, stats_layout=self._stats_layout()), key=self._reply_order)
+        accepted.sort(key=self._reply_order)
+        enough = len(accepted) >= max(1, self.min_successful_clients)
+        averages = self._average_replies(accepted) if enough else None
+        if averages is not None and averages.clean:
+            self._log_rejections(rejections)
+        else:  # a bad value somewhere, or too few replies to tell: as many as each full check leaves
+            accepted = sorted(self._screen(replies, stats_layout=self._stats_layout()), key=self._reply_order)
+            enough = len(accepted) >= max(1, self.min_successful_clients)
+            averages = self._average_replies(accepted) if enough else None
         failed = len(replies) - len(accepted)
         arrays, metrics = None, None
-        if len(accepted) >= max(1, self.min_successful_clients):
-            weights = [self._weight(m) for m in accepted]
-            # Views of the serialised bytes: nothing is copied until the averages.
-            payloads = [record_views(m.content.pop(self.stats_key)) for m in accepted if self.rule.has_state]
-            models = [record_views(m.content[self.arrayrecord_key]) for m in accepted]
-            self._check_and_log_replies(accepted, is_train=True)
-            average = weighted_average(models, weights)
+        if averages is not None:
+            if self.rule.has_state:  # FedAvg's checks and metric average expect one ArrayRecord
+                for message in accepted:
+                    message.content.pop(self.stats_key)
+            # Only FedAvg's log line: the screening already ensured what its validation checks
+            # (one model ArrayRecord with the same keys and one MetricRecord with the same names everywhere).
+            self._check_and_log_replies(accepted, is_train=True, validate=False)
+            average = averages.model
             if self.server_lr != 1.0 and self._sent_arrays is not None:
                 average = next_model(record_views(self._sent_arrays), average, self.server_lr)
             arrays = numpy_to_record(average)
             metrics = self.train_metrics_aggr_fn([m.content for m in accepted], self.weighted_by_key)
-            if payloads:
-                self.precond_state = next_state(
-                    self.rule, self.precond_mode, self.precond_state, payloads, weights, self.precond_beta
+            if averages.stats is not None:
+                self.precond_state = state_from_average(
+                    self.rule, self.precond_mode, self.precond_state, averages.stats, self.precond_beta
                 )
         else:
             log(
@@ -533,13 +548,13 @@ class Savic(FedAvg):
         if node in self.node_order:
             return (0, self.node_order[node], b"")
         digest = hashlib.blake2b(digest_size=16)
-        for record in message.content.array_records.values():
+        for record in split_records(message.content)[0].values():
             for array in record.values():
                 digest.update(array.data[:4096])
         return (1, 0, digest.digest())
 
     def _weight(self, message: Message) -> float:
-        metrics = next(iter(message.content.metric_records.values()))
+        metrics = split_records(message.content)[1][0]
         return float(metrics[self.weighted_by_key])
 
     def _screen(self, replies: list[Message], stats_layout, with_model: bool = True) -> list[Message]:
@@ -548,13 +563,25 @@ class Savic(FedAvg):
         Until the server holds a state, the first accepted statistic fixes the
         layout (and the first accepted reply the metric names) for the rest.
         """
+        accepted, rejections = self._screen_replies(replies, stats_layout, with_model=with_model)
+        self._log_rejections(rejections)
+        return accepted
+
+    def _screen_replies(
+        self, replies: list[Message], stats_layout, with_model: bool = True, check_values: bool = True
+    ) -> tuple[list[Message], list[tuple[Message, str]]]:
+        """``(accepted, [(rejected reply, reason), ...])`` in reply order, nothing logged.
+
+        ``check_values=False`` leaves out the checks of the values (NaN, Inf,
+        sign), which the caller then makes on the averages; a reply rejected
+        for its layout gets the reason the full check gives it.
+        """
         parameter_layout = describe(self._sent_arrays) if self._sent_arrays is not None else {}
         model_layout = parameter_layout if with_model else None
         metric_keys = None
-        accepted = []
+        accepted, rejections = [], []
         for message in replies:
-            problem = reply_problem(
-                message,
+            options = dict(
                 arrayrecord_key=self.arrayrecord_key,
                 stats_key=self.stats_key,
                 weighted_by_key=self.weighted_by_key,
@@ -564,14 +591,47 @@ class Savic(FedAvg):
                 parameter_layout=parameter_layout,
                 metric_keys=metric_keys,
             )
+            problem = reply_problem(message, check_values=check_values, **options)
             if problem is not None:
-                log(WARNING, "Rejected reply from node %s: %s", message.metadata.src_node_id, problem)
+                if not check_values:  # the reason a full check gives (a bad value may come first)
+                    problem = reply_problem(message, check_values=True, **options)
+                rejections.append((message, problem))
                 continue
             accepted.append(message)
-            metric_keys = set(next(iter(message.content.metric_records.values())).keys())
+            metric_keys = set(split_records(message.content)[1][0].keys())
             if stats_layout is None and self.rule.has_state:
                 stats_layout = describe(message.content[self.stats_key])
-        return accepted
+        return accepted, rejections
+
+    @staticmethod
+    def _log_rejections(rejections: list[tuple[Message, str]]) -> None:
+        for message, problem in rejections:
+            log(WARNING, "Rejected reply from node %s: %s", message.metadata.src_node_id, problem)
+
+    def _average_replies(self, accepted: list[Message]) -> _RoundAverages:
+        """Weighted averages of the accepted replies' models and statistics, and whether all their values are good.
+
+        Good: every average is finite (so every value was, see
+        ``checked_weighted_average``) and, for a rule whose statistics cannot
+        be negative, no reply's statistic has a negative entry.
+        """
+        weights = [self._weight(m) for m in accepted]
+        # Views of the serialised bytes: nothing is copied but into the averages.
+        models = checked_weighted_average([record_views(m.content[self.arrayrecord_key]) for m in accepted], weights)
+        if not self.rule.has_state:
+            return _RoundAverages(models.arrays, None, models.finite)
+        stats = checked_weighted_average(
+            [record_views(m.content[self.stats_key]) for m in accepted], weights, find_lowest=self.rule.nonnegative
+        )
+        return _RoundAverages(models.arrays, stats.arrays, models.finite and stats.finite and not stats.lowest < 0)
+
+
+class _RoundAverages(NamedTuple):
+    """A round's weighted averages (see ``Savic._average_replies``)."""
+
+    model: dict[str, np.ndarray]
+    stats: dict[str, np.ndarray] | None  # None: the rule has no state
+    clean: bool  # no NaN, Inf or impossible negative value in any averaged reply
 
 
 def _check_wire_options(precond_dtype: str | None, precond_every: int | None) -> None:

@@ -5,13 +5,19 @@ from __future__ import annotations
 from collections.abc import Mapping
 
 import numpy as np
-from flwr.app import ArrayRecord, Message
+from flwr.app import ArrayRecord, Message, MetricRecord, RecordDict
 
 from ..arrays import array_view
 from ..rules import ScalingRule
 
 
-def _arrays_problem(name: str, record: ArrayRecord, expected: Mapping[str, tuple[tuple[int, ...], str]], nonnegative: bool) -> str | None:
+def _arrays_problem(
+    name: str,
+    record: ArrayRecord,
+    expected: Mapping[str, tuple[tuple[int, ...], str]],
+    nonnegative: bool,
+    check_values: bool = True,
+) -> str | None:
     keys = set(record.keys())
     if keys != set(expected):
         missing, extra = sorted(set(expected) - keys), sorted(keys - set(expected))
@@ -26,7 +32,7 @@ def _arrays_problem(name: str, record: ArrayRecord, expected: Mapping[str, tuple
             return f"{name}[{key}] is not a valid NumPy buffer ({error})"
         if values.shape != shape or str(values.dtype) != dtype:
             return f"{name}[{key}] holds {values.dtype}{list(values.shape)} but says {dtype}{list(shape)}"
-        if values.size == 0:
+        if values.size == 0 or not check_values:
             continue
         # Two reductions and no temporary array: min and max are NaN if any
         # entry is NaN, and one of them is infinite if any entry is.
@@ -36,6 +42,23 @@ def _arrays_problem(name: str, record: ArrayRecord, expected: Mapping[str, tuple
         if nonnegative and low < 0:
             return f"{name}[{key}] has negative entries, impossible for this rule"
     return None
+
+
+def split_records(content: RecordDict) -> tuple[dict[str, ArrayRecord], list[MetricRecord]]:
+    """``({key: ArrayRecord}, [MetricRecord, ...])`` of a message's content, in one pass.
+
+    Flower's ``content.array_records`` and ``content.metric_records`` build a
+    new synchronised, type-checked dict at every access; the server screens
+    every reply of a round, so it reads the records once, into plain containers.
+    """
+    arrays: dict[str, ArrayRecord] = {}
+    metrics: list[MetricRecord] = []
+    for key, record in content.items():
+        if isinstance(record, ArrayRecord):
+            arrays[key] = record
+        elif isinstance(record, MetricRecord):
+            metrics.append(record)
+    return arrays, metrics
 
 
 def describe(record: ArrayRecord) -> dict[str, tuple[tuple[int, ...], str]]:
@@ -54,6 +77,7 @@ def reply_problem(
     stats_layout: Mapping[str, tuple[tuple[int, ...], str]] | None,
     parameter_layout: Mapping[str, tuple[tuple[int, ...], str]],
     metric_keys: set[str] | None = None,
+    check_values: bool = True,
 ) -> str | None:
     """Why this reply must be rejected, or ``None`` when it is good.
 
@@ -64,11 +88,19 @@ def reply_problem(
     arrays) with the same shapes and dtypes. ``metric_keys``, when given, is
     the set of metric names every reply of the round must carry (FedAvg's
     metric average needs the same keys everywhere).
+
+    ``check_values=False`` checks everything but the values themselves (NaN,
+    Inf, negative entries): the layout alone, without a pass over the data.
+    The strategy screens a round that way, checks the values of all accepted
+    replies at once on their averages, and screens again with
+    ``check_values=True`` only when that finds a problem. A reply rejected
+    without the value checks is rejected with them too (possibly for another
+    reason, found first), so the full check gives the logged reason.
     """
     if message.has_error():
         return f"client raised: {message.error.reason}"
     content = message.content
-    metrics = [content[k] for k in content.metric_records]
+    array_records, metrics = split_records(content)
     if len(metrics) != 1:
         return f"expected one MetricRecord, got {len(metrics)}"
     weight = metrics[0].get(weighted_by_key)
@@ -77,24 +109,24 @@ def reply_problem(
     if metric_keys is not None and set(metrics[0].keys()) != metric_keys:
         return f"metric names {sorted(metrics[0].keys())} differ from the round's {sorted(metric_keys)}"
     allowed = ({arrayrecord_key} if model_layout is not None else set()) | ({stats_key} if rule.has_state else set())
-    extra = set(content.array_records) - allowed
+    extra = set(array_records) - allowed
     if extra:
         return f"unexpected ArrayRecords {sorted(extra)}"
     if model_layout is not None:
-        if arrayrecord_key not in content.array_records:
+        if arrayrecord_key not in array_records:
             return f"no '{arrayrecord_key}' ArrayRecord"
-        problem = _arrays_problem("model", content[arrayrecord_key], model_layout, nonnegative=False)
+        problem = _arrays_problem("model", array_records[arrayrecord_key], model_layout, False, check_values)
         if problem:
             return problem
     if rule.has_state:
-        if stats_key not in content.array_records:
+        if stats_key not in array_records:
             return f"no '{stats_key}' ArrayRecord (statistic or state)"
-        record = content[stats_key]
+        record = array_records[stats_key]
         layout = stats_layout
         if layout is None:
             unknown = sorted(set(record.keys()) - set(parameter_layout))
             if unknown or not record.keys():
                 return f"{stats_key} keys {unknown or '[]'} are not arrays of the model"
             layout = {key: parameter_layout[key] for key in record.keys()}
-        return _arrays_problem(stats_key, record, layout, nonnegative=rule.nonnegative)
+        return _arrays_problem(stats_key, record, layout, rule.nonnegative, check_values)
     return None
