@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 import logging
 import os
 import shutil
@@ -93,8 +94,9 @@ def _prompt_delivery() -> Iterator[bool]:
     (yields whether the replacement is in place).
     """
     try:
-        from flwr.server.superlink.fleet.vce import vce_api
-        from flwr.simulation import run_simulation as runtime
+        vce_api = importlib.import_module("flwr.server.superlink.fleet.vce.vce_api")
+        # The module, not the function that ``flwr.simulation`` exports under the same name.
+        runtime = importlib.import_module("flwr.simulation.run_simulation")
     except ImportError:
         yield False
         return
@@ -131,8 +133,12 @@ def preflight(cfg: RunConfig) -> None:
 
     cfg.validate()
     load_federated_data(cfg.data_spec())
-    for partition_id in range(cfg.num_clients):
-        client_partition(cfg, partition_id)
+    # Cutting partition 0 checks every client's: the Dirichlet partitioner assigns
+    # all rows at the first request and fails unless every client gets
+    # MIN_PARTITION_SIZE; the iid and shard splits are checked when the
+    # partitioner is built. Cutting all of them here cost seconds for 1,000
+    # clients (and is repeated for every run of a sweep).
+    client_partition(cfg, 0)
 
 
 def prepare_output(cfg: RunConfig, resume: Checkpoint | None) -> None:
@@ -150,6 +156,22 @@ def prepare_output(cfg: RunConfig, resume: Checkpoint | None) -> None:
 def quiet_flower(verbose: bool) -> None:
     level = logging.INFO if verbose else logging.WARNING
     logging.getLogger("flwr").setLevel(level)
+
+
+CLIENT_CPUS = 1  # Ray CPUs per client actor: as many actors as cores, one thread each
+
+
+def backend_config(verbose: bool = False) -> dict:
+    """Flower's Ray backend settings: ``CLIENT_CPUS`` per actor (so ``cores / CLIENT_CPUS`` actors), quiet Ray."""
+    # One thread per client actor: two actors on two cores beat two actors
+    # fighting over four threads, and tiny models gain nothing from more.
+    return {
+        "client_resources": {"num_cpus": CLIENT_CPUS, "num_gpus": 0.0},
+        "init_args": {
+            "logging_level": logging.INFO if verbose else logging.ERROR,
+            "log_to_driver": verbose,
+        },
+    }
 
 
 def simulate(
@@ -174,15 +196,6 @@ def simulate(
     prepare_output(cfg, resume)
     out = Path(cfg.out)
     quiet_flower(verbose)
-    # One thread per client actor: two actors on two cores beat two actors
-    # fighting over four threads, and tiny models gain nothing from more.
-    backend_config = {
-        "client_resources": {"num_cpus": 1, "num_gpus": 0.0},
-        "init_args": {
-            "logging_level": logging.INFO if verbose else logging.ERROR,
-            "log_to_driver": verbose,
-        },
-    }
     # Ray's workers inherit this process's environment.
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     with _prompt_delivery():
@@ -190,7 +203,7 @@ def simulate(
             server_app=make_server_app(cfg, resume),
             client_app=client_app,
             num_supernodes=cfg.num_clients,
-            backend_config=backend_config,
+            backend_config=backend_config(verbose),
         )
     metrics = out / "metrics.csv"
     rows = read_metrics(metrics) if metrics.exists() else []

@@ -74,3 +74,12 @@ def test_indices_are_read_only_and_dropped_with_the_partitioner():
     data_module._partitioner.cache_clear()
     assert getattr(data_module._partitioner(spec), data_module._INDICES_ATTR, None) is None
     np.testing.assert_array_equal(partition_indices(spec, 2), indices)
+
+
+def test_preflight_cuts_one_partition_of_many(calls):
+    """The pre-Ray check of a 100-client run asks flwr-datasets for partition 0 only."""
+    from flwr_scaling.config import RunConfig
+    from flwr_scaling.simulation import preflight
+
+    preflight(RunConfig(num_clients=100, partitioner="iid").resolved())
+    assert calls == [0]
