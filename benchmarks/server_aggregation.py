@@ -5,22 +5,27 @@ What is measured
 For a model of N float32 parameters (1e5, 1e6, 1e7, split over 4 arrays of
 40/30/20/10 % of N) and R client replies (10, 100), per round:
 
-* ``core``: (a) Flower's FedAvg average
+* ``core``: the averaging alone. (a) Flower's FedAvg average
   ``flwr.serverapp.strategy.strategy_utils.aggregate_arrayrecords`` on R
   RecordDicts (the model ArrayRecord and a MetricRecord
-  ``{"num-examples": n}``), against (b) the same average plus what SAVIC adds:
-  ``record_views`` (zero-copy reads, as the strategy does) of each reply's statistic record and
-  ``flwr_scaling.aggregation.next_state(rule=adam, mode="global", ...)``.
+  ``{"num-examples": n}``), serialised result included, against (b) what
+  SAVIC's ``aggregate_train`` does with the same models and R statistics:
+  ``record_views`` (zero-copy reads) of both records of every reply,
+  ``checked_weighted_average`` of the models and of the statistics (with the
+  per-reply sign check), ``state_from_average(rule=adam, mode="global")`` and
+  the serialised model average.
 * ``strategy``: ``Savic(precond="adam", precond_mode="global").aggregate_train``
   on R reply Messages (model + statistic + metrics), against
   ``FedAvg.aggregate_train`` on the same replies without the statistic. This
   is the real per-round server cost: it includes SAVIC's screening of every
-  reply (layout, finiteness, sign), the byte count and FedAvg's own checks and
-  metric average.
+  reply (layout, then NaN/Inf on the averages and the sign of every
+  statistic), the byte count and FedAvg's own checks and metric average.
 * ``breakdown``: the parts of ``Savic.aggregate_train`` timed alone: the
-  screening (``Savic._screen`` with ``Savic._stats_layout()``), the layout of
-  the state alone (``_stats_layout``), ``record_views`` of the statistics,
-  ``next_state`` on already converted statistics, and Flower's model average.
+  screening of the layouts (``Savic._screen_replies(..., check_values=False)``
+  with ``Savic._stats_layout()``), the layout of the state alone
+  (``_stats_layout``), ``record_views`` of models and statistics, the two
+  checked averages, the state update (``state_from_average``), and Flower's
+  model average for comparison.
 
 Replies are built once, outside the timed region, as a running app would
 receive them (``Message(..., reply_to=train_message)`` with ``TaskIdentity``
@@ -32,10 +37,10 @@ every SAVIC call. Every variant runs once per repeat, in a freshly shuffled
 order; the tables give medians over repeats, and the ratios are medians of the
 paired per-repeat ratios SAVIC / FedAvg. Target: SAVIC <= 1.3x FedAvg.
 
-Memory: R replies hold R x 8N bytes (model + statistic, serialised) and SAVIC
-converts all R statistics at once (R x 4N more), so a configuration needs about
-12 N R bytes; those over ``--max-gb`` (default 8) are skipped and said so
-(1e7 x 100 needs ~13 GB).
+Memory: R replies hold R x 8N bytes (model + statistic, serialised); SAVIC
+reads them through views (no copies), so a configuration needs about 8 N R
+bytes plus a few N; those over ``--max-gb`` (default 8) are skipped and said so
+(1e7 x 100 needs ~8.6 GB).
 
 Run (from the repository root)::
 
@@ -60,8 +65,8 @@ from flwr.serverapp.strategy import FedAvg
 from flwr.serverapp.strategy.strategy_utils import aggregate_arrayrecords
 from flwr.supercore.task_identity import TaskIdentity
 
-from flwr_scaling.aggregation import next_state
-from flwr_scaling.arrays import record_to_numpy, record_views
+from flwr_scaling.aggregation import state_from_average
+from flwr_scaling.arrays import checked_weighted_average, numpy_to_record, record_to_numpy, record_views
 from flwr_scaling.rules import get_rule
 from flwr_scaling.strategies import Savic
 
@@ -69,7 +74,7 @@ FRACTIONS = (0.4, 0.3, 0.2, 0.1)
 BETA = 0.99
 TARGET = 1.3
 MAIN = ["fedavg-core", "savic-core", "fedavg-strategy", "savic-strategy"]
-PARTS = ["screen", "stats-layout", "stats-to-numpy", "next-state", "model-average"]
+PARTS = ["screen", "stats-layout", "views", "averages", "state-update", "model-average"]
 
 
 class Grid:
@@ -128,7 +133,10 @@ class Setup:
                 content=RecordDict({"arrays": model, "metrics": MetricRecord(metrics)}), reply_to=message))
         self.fedavg_contents = [m.content for m in self.fedavg_replies]
         self.rule = get_rule("adam")
-        self.payloads = [record_to_numpy(r) for r in self.stats_records]  # for "next-state" alone
+        # For the parts timed alone: the views and both averages, made once.
+        self.model_views = [record_views(r) for r in self.model_records]
+        self.stats_views = [record_views(r) for r in self.stats_records]
+        self.stats_average = checked_weighted_average(self.stats_views, self.weights).arrays
         self._check()
 
     def restore_stats(self) -> None:
@@ -150,9 +158,10 @@ class Setup:
         aggregate_arrayrecords(self.fedavg_contents, "num-examples")
 
     def savic_core(self) -> None:
-        aggregate_arrayrecords(self.fedavg_contents, "num-examples")
-        payloads = [record_views(r) for r in self.stats_records]
-        next_state(self.rule, "global", self.savic.precond_state, payloads, self.weights, BETA)
+        models = checked_weighted_average([record_views(r) for r in self.model_records], self.weights)
+        stats = checked_weighted_average([record_views(r) for r in self.stats_records], self.weights, find_lowest=True)
+        numpy_to_record(models.arrays)
+        state_from_average(self.rule, "global", self.savic.precond_state, stats.arrays, BETA)
 
     def fedavg_strategy(self) -> None:
         self.fedavg.aggregate_train(1, self.fedavg_replies)
@@ -161,16 +170,21 @@ class Setup:
         self.savic.aggregate_train(1, self.savic_replies)
 
     def screen(self) -> None:
-        self.savic._screen(self.savic_replies, stats_layout=self.savic._stats_layout())  # noqa: SLF001
+        self.savic._screen_replies(self.savic_replies, self.savic._stats_layout(), check_values=False)  # noqa: SLF001
 
     def stats_layout(self) -> None:
         self.savic._stats_layout()  # noqa: SLF001
 
-    def stats_to_numpy(self) -> None:
+    def views(self) -> None:
+        [record_views(r) for r in self.model_records]
         [record_views(r) for r in self.stats_records]
 
-    def next_state(self) -> None:
-        next_state(self.rule, "global", self.savic.precond_state, self.payloads, self.weights, BETA)
+    def averages(self) -> None:
+        checked_weighted_average(self.model_views, self.weights)
+        checked_weighted_average(self.stats_views, self.weights, find_lowest=True)
+
+    def state_update(self) -> None:
+        state_from_average(self.rule, "global", self.savic.precond_state, self.stats_average, BETA)
 
     def model_average(self) -> None:
         aggregate_arrayrecords(self.fedavg_contents, "num-examples")
@@ -206,7 +220,7 @@ def paired(times: dict[str, list[float]], a: str, b: str) -> float:
 
 
 def needed_gb(n: int, replies: int) -> float:
-    return (12 * n * replies + 64 * n) / 1e9
+    return (8 * n * replies + 64 * n) / 1e9
 
 
 def fmt_n(n: int) -> str:
@@ -278,9 +292,9 @@ def main() -> None:
 
     if not args.no_breakdown and results:
         print("\nBreakdown of Savic.aggregate_train (ms, median; % of the median Savic.aggregate_train):\n")
-        print("| N params | replies | screen (incl. layout) | stats layout | stats to numpy | next_state "
+        print("| N params | replies | screen layouts | stats layout | views | checked averages | state update "
               "| model average (Flower) | Savic.aggregate_train |")
-        print("|---|---:|---:|---:|---:|---:|---:|---:|")
+        print("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
         for n, r, t in results:
             med = {k: statistics.median(v) for k, v in t.items()}
             total = med["savic-strategy"]

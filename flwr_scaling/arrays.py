@@ -8,17 +8,35 @@ import warnings
 from collections.abc import Iterable, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import numpy as np
 import torch
 from flwr.app import Array, ArrayRecord, RecordDict
 
 
-# Headers already parsed, by (shape, dtype) as the Array declares them: the
-# header's exact bytes and what they say. np.save writes the same bytes for the
-# same layout, so a buffer that starts with them needs no parsing.
-_KNOWN_HEADERS: dict[tuple[tuple[int, ...], str], tuple[bytes, np.dtype, tuple[int, ...], str, int]] = {}
+class _Header(NamedTuple):
+    """A parsed ``.npy`` header: its exact bytes and what they say."""
+
+    header: bytes
+    dtype: np.dtype
+    shape: tuple[int, ...]
+    order: str
+    count: int
+    nbytes: int  # of the data that must follow the header
+    dtype_name: str  # str(dtype), computed once
+
+
+# Headers already parsed, by (shape, dtype) as the Array declares them. np.save
+# writes the same bytes for the same layout, so a buffer that starts with the
+# bytes of a known header says what that header says, without parsing.
+_KNOWN_HEADERS: dict[tuple[tuple[int, ...], str], _Header] = {}
 _MAX_KNOWN_HEADERS = 256
+
+
+def _known_header(array: Array) -> _Header | None:
+    known = _KNOWN_HEADERS.get((tuple(array.shape), array.dtype))
+    return known if known is not None and array.data.startswith(known.header) else None
 
 
 def array_view(array: Array) -> np.ndarray:
@@ -28,13 +46,14 @@ def array_view(array: Array) -> np.ndarray:
     of every reply, so it reads views instead. Parsing a ``.npy`` header costs
     more than viewing a 1e5-element array, so a header is parsed once per
     layout and later buffers that start with the very same bytes are viewed
-    directly (the same result as parsing them).
+    directly (the same result as parsing them, errors included).
     """
     data = array.data
-    known = _KNOWN_HEADERS.get((tuple(array.shape), array.dtype))
-    if known is not None and data.startswith(known[0]):
-        header, dtype, shape, order, count = known
-        return np.frombuffer(data, dtype=dtype, count=count, offset=len(header)).reshape(shape, order=order)
+    known = _known_header(array)
+    if known is not None:
+        return np.frombuffer(data, dtype=known.dtype, count=known.count, offset=len(known.header)).reshape(
+            known.shape, order=known.order
+        )
     buffer = io.BytesIO(data)
     version = np.lib.format.read_magic(buffer)
     read_header = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
@@ -46,8 +65,24 @@ def array_view(array: Array) -> np.ndarray:
     view = np.frombuffer(data, dtype=dtype, count=count, offset=offset).reshape(shape, order=order)
     if len(_KNOWN_HEADERS) >= _MAX_KNOWN_HEADERS:
         _KNOWN_HEADERS.clear()
-    _KNOWN_HEADERS[(tuple(array.shape), array.dtype)] = (bytes(data[:offset]), dtype, tuple(shape), order, count)
+    _KNOWN_HEADERS[(tuple(array.shape), array.dtype)] = _Header(
+        bytes(data[:offset]), dtype, tuple(shape), order, count, count * dtype.itemsize, str(dtype)
+    )
     return view
+
+
+def array_layout(array: Array) -> tuple[tuple[int, ...], str]:
+    """``(shape, dtype name)`` that the bytes of a serialised Array hold.
+
+    Raises ``ValueError`` exactly where ``array_view`` does (a malformed
+    header, too few bytes); with a known header it makes no view at all, which
+    is what screening the layout of every reply needs.
+    """
+    known = _known_header(array)
+    if known is not None and len(array.data) >= len(known.header) + known.nbytes:
+        return known.shape, known.dtype_name
+    view = array_view(array)
+    return view.shape, str(view.dtype)
 
 
 def record_views(record: ArrayRecord) -> dict[str, np.ndarray]:

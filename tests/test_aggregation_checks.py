@@ -19,7 +19,7 @@ import pytest
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message
 from flwr.supercore.task_identity import TaskIdentity
 
-from flwr_scaling.arrays import array_view, checked_weighted_average, weighted_average
+from flwr_scaling.arrays import array_layout, array_view, checked_weighted_average, weighted_average
 from flwr_scaling.rules import get_rule
 from flwr_scaling.strategies import Savic
 from flwr_scaling.strategies.screening import describe, reply_problem
@@ -299,11 +299,23 @@ def test_array_view_reads_cached_and_uncached_headers_alike():
 
 def test_array_view_of_a_truncated_buffer_raises_even_with_a_known_header():
     values = np.ones((4, 4), dtype=np.float32)
-    array_view(Array(values))  # the header is now known
+    assert array_layout(Array(values)) == ((4, 4), "float32")  # the header is now known
     truncated = Array(values)
     truncated.data = truncated.data[:-8]
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError) as from_view:
         array_view(truncated)
+    with pytest.raises(ValueError) as from_layout:
+        array_layout(truncated)
+    assert str(from_layout.value) == str(from_view.value)  # the same logged reason either way
+
+
+def test_array_layout_reports_what_the_bytes_hold():
+    # declared float32[2, 2], bytes of float64[2, 2]: the layout of the bytes, parsed or known alike
+    for _ in range(2):
+        lying = Array(np.zeros((2, 2), dtype=np.float64))
+        lying.dtype = "float32"
+        assert array_layout(lying) == ((2, 2), "float64")
+    assert array_layout(Array(np.zeros((3,), dtype=np.float16))) == ((3,), "float16")
 
 
 def test_reply_whose_bytes_disagree_with_its_declared_layout_is_rejected(warnings_logged):
