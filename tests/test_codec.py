@@ -7,22 +7,37 @@ largest magnitude in [2**14, 2**15).
 
 from __future__ import annotations
 
+import re
+
 import numpy as np
 import pytest
+from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
+from flwr.supercore.task_identity import TaskIdentity
 
 from flwr_scaling.codec import (
     DTYPES,
     MAX_EXPONENT,
+    SCALE_SUFFIX,
     decode,
     encode,
     exponents_problem,
     from_bfloat16_bits,
     from_scaled_float16,
+    put_encoded,
     scale_exponent,
+    take_encoded,
     to_bfloat16_bits,
     to_scaled_float16,
+    to_wire_array,
     wire_dtype,
+    wire_view,
 )
+from flwr_scaling.strategies import Savic
+
+try:  # tests/ as a package or as a rootdir-inserted folder
+    from .fakes import FakeGrid, record
+except ImportError:  # pragma: no cover
+    from fakes import FakeGrid, record
 
 
 def from_bits(*bits: int) -> np.ndarray:
@@ -160,6 +175,45 @@ def test_encode_decode_round_trip_keeps_keys_shapes_and_order(dtype):
         assert decoded[key].dtype == np.float32 and np.array_equal(decoded[key], value), key
 
 
+def test_16_bit_arrays_travel_without_the_npy_header_and_float32_as_before():
+    bits = to_wire_array(np.array([0x3F80, 0xC000, 0x7FC0], dtype=np.uint16))
+    assert (bits.stype, bits.dtype, tuple(bits.shape)) == ("raw", "uint16", (3,))
+    assert bits.data == bytes([0x80, 0x3F, 0x00, 0xC0, 0xC0, 0x7F])  # little-endian, nothing else
+    assert wire_view(bits).tolist() == [0x3F80, 0xC000, 0x7FC0]
+    halves = to_wire_array(np.array([[1.0, -2.0]], dtype=np.float16))
+    assert halves.data == bytes([0x00, 0x3C, 0x00, 0xC0]) and wire_view(halves).shape == (1, 2)
+    floats = np.array([0.1, 2.5], dtype=np.float32)
+    assert to_wire_array(floats).data == Array(floats).data  # float32: Flower's own .npy framing
+    assert wire_view(to_wire_array(floats)).tolist() == floats.tolist()
+
+
+@pytest.mark.parametrize(
+    "array, message",
+    [
+        (Array(dtype="uint16", shape=(2,), stype="raw", data=b"\x00\x00\x00"), "holds 3 bytes, but uint16[2] needs 4"),
+        (Array(dtype="float32", shape=(1,), stype="raw", data=b"\x00" * 4), "dtype 'float32' does not travel raw"),
+    ],
+)
+def test_malformed_raw_arrays_are_refused(array, message):
+    with pytest.raises(ValueError, match=re.escape(message)):
+        wire_view(array)
+
+
+@pytest.mark.usefixtures("task_identity")
+def test_raw_arrays_survive_flowers_message_serialisation():
+    # What the SuperLink transport does to a message (protobuf), as flwr_scaling.inprocess does.
+    from flwr.common.serde import message_from_proto, message_to_proto
+
+    content = RecordDict({"config": ConfigRecord({"lr": 0.1})})
+    put_encoded(content, "precond", {"w": np.array([[1.0, 2.0]], np.float32)}, dtype="float16")
+    proto = message_to_proto(Message(content=content, dst_node_id=5, message_type="train"))
+    received = message_from_proto(type(proto).FromString(proto.SerializeToString()))
+    array = received.content["precond"]["w"]
+    assert (array.stype, array.dtype, tuple(array.shape)) == ("raw", "float16", (1, 2))
+    assert dict(received.content["precond-scale"].items()) == {"w": 13}
+    assert take_encoded(received.content, "precond", dtype="float16")["w"].tolist() == [[1.0, 2.0]]
+
+
 def test_wire_dtypes():
     assert [str(wire_dtype(d)) for d in DTYPES] == ["float32", "uint16", "float16"]
 
@@ -191,16 +245,7 @@ def test_exponents_problem(exponents, expected):
 # ------------------------------------------------------- the strategy with encoded payloads
 # Driven in-process with a fake grid, as in tests/test_strategy.py; every value is exact in
 # bfloat16 (small integers), so the expected states are worked out by hand.
-from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict  # noqa: E402
-from flwr.supercore.task_identity import TaskIdentity  # noqa: E402
 
-from flwr_scaling.codec import SCALE_SUFFIX, put_encoded  # noqa: E402
-from flwr_scaling.strategies import WARMUP_MESSAGE_TYPE, Savic  # noqa: E402
-
-try:  # tests/ as a package or as a rootdir-inserted folder
-    from .fakes import FakeGrid, as_numpy, record  # noqa: E402
-except ImportError:  # pragma: no cover
-    from fakes import FakeGrid, as_numpy, record  # noqa: E402
 
 A, B = 11, 12  # A has 1 example, B 3: weights 0.25 and 0.75
 X0 = {"w": np.zeros((2, 2), np.float32), "b": np.zeros(2, np.float32)}
@@ -276,15 +321,16 @@ def test_bfloat16_run_sends_bits_decodes_replies_and_counts_half_the_state_bytes
     messages = train_messages(strategy, grid)
     assert strategy.precond_state["w"].tolist() == V0["w"].tolist()  # warm-up statistics decoded
     sent = messages[A].content["precond"]
-    assert {k: (a.dtype, a.shape) for k, a in sent.items()} == {"w": ("uint16", (2, 2)), "b": ("uint16", (2,))}
-    bits = as_numpy(sent)
+    assert {k: (a.dtype, a.shape, a.stype) for k, a in sent.items()} == {"w": ("uint16", (2, 2), "raw"), "b": ("uint16", (2,), "raw")}
+    assert {k: len(a.data) for k, a in sent.items()} == {"w": 8, "b": 4}  # 2 bytes an entry, no header
+    bits = {k: wire_view(a) for k, a in sent.items()}
     assert bits["w"].tolist() == [[0x4000] * 2] * 2 and bits["b"].tolist() == [0x4080] * 2  # 2.0 and 4.0
     assert messages[A].content["config"]["precond-dtype"] == "bfloat16"
     replies = [encoded_reply(messages[A], S_A, 1, "bfloat16", model=X0), encoded_reply(messages[B], S_B, 3, "bfloat16", model=X0)]
     strategy.aggregate_train(1, replies)
     assert {k: v.tolist() for k, v in strategy.precond_state.items()} == {k: v.tolist() for k, v in V1.items()}
     assert all(v.dtype == np.float32 for v in strategy.precond_state.values())  # the server keeps float32
-    half_state = array_bytes({k: v.astype(np.uint16) for k, v in V0.items()})
+    half_state = 2 * 6  # six entries, two bytes each
     model = array_bytes(X0)
     row = strategy.history[1]
     assert row["bytes_down"] == 2 * model + 2 * (model + half_state)  # warm-up queries, then model + state
@@ -308,11 +354,12 @@ def test_float16_run_carries_exponents_and_keeps_tiny_statistics():
     assert strategy.history[1]["clients_ok"] == 2
 
 
-def _nan_bits(stats):
-    encoded = {k: v.astype(np.uint16) for k, v in stats.items()}
-    encoded["w"] = encoded["w"].copy()
-    encoded["w"][0, 0] = 0x7FC0
-    return encoded
+def _truncated(reply: Message) -> Message:
+    """The reply with one byte cut from its raw bfloat16 ``stats[w]``."""
+    stats = reply.content["stats"]
+    w = stats["w"]
+    stats["w"] = Array(dtype=w.dtype, shape=tuple(w.shape), stype=w.stype, data=w.data[:-1])
+    return reply
 
 
 @pytest.mark.usefixtures("task_identity")
@@ -331,8 +378,11 @@ def _nan_bits(stats):
          "stats[b] contains NaN or Inf"),
         ("bfloat16", lambda m: encoded_reply(m, {**S_B, "b": np.array([-2, 1], np.float32)}, 3, "bfloat16", model=X0),
          "stats[b] has negative entries, impossible for this rule"),
+        ("bfloat16", lambda m: _truncated(encoded_reply(m, S_B, 3, "bfloat16", model=X0)),
+         "precond-dtype bfloat16: stats cannot be decoded (holds 7 bytes, but uint16[2, 2] needs 8)"),
     ],
-    ids=["float32-in-bfloat16-run", "bfloat16-in-float16-run", "nan-bf16", "inf-bf16", "nan-fp16", "negative-bf16"],
+    ids=["float32-in-bfloat16-run", "bfloat16-in-float16-run", "nan-bf16", "inf-bf16", "nan-fp16", "negative-bf16",
+         "truncated-bf16"],
 )
 def test_bad_encoded_statistics_are_rejected_after_decoding(dtype, make_bad, reason):
     strategy = wire_strategy(dtype)

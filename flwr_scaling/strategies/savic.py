@@ -28,6 +28,7 @@ from ..codec import (
     exponents_problem,
     put_encoded,
     wire_dtype,
+    wire_view,
 )
 from ..rules import diagonal_bounds, get_rule
 from ..training import MODES
@@ -540,7 +541,8 @@ class Savic(FedAvg):
         """Float32 arrays from ``content[key]`` encoded as ``precond_dtype`` (views where float32)."""
         scale = content.get(key + SCALE_SUFFIX)
         exponents = dict(scale.items()) if isinstance(scale, ConfigRecord) else None
-        return decode(record_views(content[key]), dtype=self.precond_dtype or "float32", exponents=exponents)
+        views = {name: wire_view(array) for name, array in content[key].items()}
+        return decode(views, dtype=self.precond_dtype or "float32", exponents=exponents)
 
     def _reply_order(self, message: Message) -> tuple:
         """Node rank when known, else a digest of the reply's leading bytes: stable across runs."""
