@@ -16,7 +16,14 @@ Variants (each runs over the same list of K batches, then the time is divided by
   rmsprop or adagrad in global and local mode (state = a positive v from the
   "server", as in every round after the warm-up);
 * ``oasis-global``: ``train_scaled`` with oasis, 1 Hutchinson probe per step
-  (alpha 0.1, the package default for oasis).
+  (alpha 0.1, the package default for oasis);
+* ``adam-local-pure``: ``train_scaled(..., fused=False)``, the reference loop
+  through the rules' pure functions (what every variant ran before the fused
+  in-place path), for comparison in the same run; it has no target.
+
+``train_scaled`` runs its fused path by default: the state, Adam's first
+moment and the parameters are updated in place with one ``torch._foreach_*``
+kernel per operation for all parameter tensors (see ``ScalingRule.update_``).
 
 The plain loops do what ``train_scaled`` does apart from the scaling:
 ``zero_grad``, cross-entropy, ``backward``, ``step``, and read the loss as a
@@ -74,7 +81,7 @@ PROBLEMS = {
 BATCH = 32
 LR = 0.01
 SCALED = [(rule, mode) for rule in ("adam", "rmsprop", "adagrad") for mode in ("global", "local")]
-VARIANTS = ["sgd", "torch-adam"] + [f"{r}-{m}" for r, m in SCALED] + ["oasis-global"]
+VARIANTS = ["sgd", "torch-adam"] + [f"{r}-{m}" for r, m in SCALED] + ["oasis-global", "adam-local-pure"]
 
 Batches = list[tuple[torch.Tensor, torch.Tensor]]
 Runner = Callable[[nn.Module, Batches], None]
@@ -84,7 +91,7 @@ def target(variant: str) -> tuple[float | None, float | None]:
     """(max ratio to SGD, max ratio to torch Adam) this variant should meet."""
     if variant == "oasis-global":
         return 2.5, None
-    if variant in ("sgd", "torch-adam"):
+    if variant in ("sgd", "torch-adam", "adam-local-pure"):
         return None, None
     return 1.15, 1.0
 
@@ -104,9 +111,9 @@ def plain_loop(make_optimizer: Callable[[list[nn.Parameter]], torch.optim.Optimi
     return run
 
 
-def scaled_loop(settings: TrainSettings, state: dict[str, torch.Tensor]) -> Runner:
+def scaled_loop(settings: TrainSettings, state: dict[str, torch.Tensor], fused: bool = True) -> Runner:
     def run(model: nn.Module, batches: Batches) -> None:
-        train_scaled(model, batches, settings, state, generator=torch.Generator().manual_seed(0))
+        train_scaled(model, batches, settings, state, generator=torch.Generator().manual_seed(0), fused=fused)
 
     return run
 
@@ -126,6 +133,7 @@ def make_runners(model: nn.Module) -> dict[str, Runner]:
     runners["oasis-global"] = scaled_loop(
         TrainSettings(rule="oasis", mode="global", lr=LR, alpha=0.1, num_probes=1), state
     )
+    runners["adam-local-pure"] = scaled_loop(TrainSettings(rule="adam", mode="local", lr=LR, alpha=1e-3), state, fused=False)
     return runners
 
 
