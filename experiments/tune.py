@@ -41,19 +41,20 @@ PROBLEMS = {
 }
 
 STEP = [0.001, 0.003, 0.01, 0.03]
+SERVER_STEP = [0.003, 0.01, 0.03, 0.1, 0.3, 1.0]
 GRIDS = {  # method label -> (option tuned, values)
-    "fedavg": ("lr", [0.03, 0.1, 0.3, 1.0]),
-    "savic-adagrad-global": ("lr", [0.003, 0.01, 0.03, 0.1]),
+    "fedavg": ("lr", [0.03, 0.1, 0.3, 1.0, 3.0]),
+    "savic-adagrad-global": ("lr", [0.001, 0.003, 0.01, 0.03, 0.1]),
     "savic-rmsprop-global": ("lr", STEP),
     "savic-adam-global": ("lr", STEP),
     "savic-adam-local": ("lr", STEP),
     "savic-oasis-global": ("lr", [0.01, 0.03, 0.1, 0.3]),
     "savic-oasis-local": ("lr", [0.01, 0.03, 0.1, 0.3]),
-    "fedadam": ("server-lr", [0.003, 0.01, 0.03, 0.1]),
-    "fedyogi": ("server-lr", [0.003, 0.01, 0.03, 0.1]),
-    "fedadagrad": ("server-lr", [0.003, 0.01, 0.03, 0.1]),
+    "fedadam": ("server-lr", SERVER_STEP),
+    "fedyogi": ("server-lr", SERVER_STEP),
+    "fedadagrad": ("server-lr", SERVER_STEP),
     "fedprox": ("lr", [0.03, 0.1, 0.3, 1.0]),
-    "local-adam": ("lr", STEP),
+    "local-adam": ("lr", [*STEP, 0.1]),
 }
 NEEDS_FEDAVG_LR = ("fedadam", "fedyogi", "fedadagrad")  # their client step is Local SGD's tuned γ
 

@@ -431,6 +431,39 @@ def test_report_plots_the_worst_clients_when_runs_evaluated_them(tmp_path):
     assert (out / "client_worst10.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+def test_report_shows_the_optimality_gap_worst_clients_and_collects_partition_heatmaps(tmp_path):
+    """Runs with f_gap (logreg) and client evaluation: both summarised per method, the gap plotted,
+    and one heatmap per distinct partition (the partition depends on the seed, not on the method)."""
+
+    class GapRunner(FakeRunner):
+        def __call__(self, cfg, resume=None):
+            rows = fake_rows(cfg)
+            for row in rows:  # gap 1/round (savic: half of it, plus 0.01 * seed); worst clients every 2nd round
+                row["f_gap"] = (0.5 if cfg.strategy == "savic" else 1.0) / row["round"] + 0.01 * cfg.seed
+                row["client_acc_worst10"] = 0.5 + 0.1 * cfg.seed if row["round"] % 2 == 0 else ""
+            self.calls.append(Path(cfg.out).name)
+            written = write_fake_run(cfg, rows)
+            (Path(cfg.out) / "partitions.png").write_bytes(b"\x89PNG\r\n\x1a\n" + f"seed {cfg.seed}".encode())
+            return written
+
+    path, out = sweep_file(tmp_path), tmp_path / "out"
+    run(path, out, GapRunner())
+    summary = {row["method"]: row for row in read_csv(out / "summary.csv")}
+    # savic after round 4: 0.125 + (0, 0.01, 0.02) -> mean 0.135, std 0.01; worst clients 0.5, 0.6, 0.7.
+    assert float(summary["savic-adam-global"]["final_gap_mean"]) == pytest.approx(0.135)
+    assert float(summary["savic-adam-global"]["final_gap_std"]) == pytest.approx(0.01)
+    assert float(summary["fedavg"]["final_gap_mean"]) == pytest.approx(0.26)
+    assert float(summary["fedavg"]["final_worst10_mean"]) == pytest.approx(0.6)
+    markdown = (out / "summary.md").read_text()
+    assert "final f − f* | final worst-10 % client acc |" in markdown
+    assert "| 0.135 ± 0.01 | 0.600 ± 0.100 |" in markdown
+    assert (out / "optimality_gap.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    heatmaps = sorted(p.name for p in (out / "partitions").iterdir())
+    assert heatmaps == [f"partitioner=dirichlet,dirichlet-alpha=0.5,num-clients=3,seed={s}.png" for s in (0, 1, 2)]
+    assert (out / "partitions" / heatmaps[2]).read_bytes().endswith(b"seed 2")
+    assert "partitions/partitioner=dirichlet,dirichlet-alpha=0.5,num-clients=3,seed=0.png" in markdown
+
+
 def test_report_regenerated_from_the_same_results_is_byte_identical(tmp_path):
     path, out = sweep_file(tmp_path), tmp_path / "out"
     run(path, out, FakeRunner())
@@ -451,9 +484,25 @@ def test_report_of_a_folder_that_is_no_sweep(tmp_path):
 
 
 # ---------------------------------------------------------- shipped sweeps
-def test_shipped_sweep_files_are_valid(tmp_path):
-    methods = load_sweep(ROOT / "experiments" / "sweeps" / "digits-methods.toml", tmp_path / "m")
-    assert len(methods.runs) == 6 * 3 and all(r.config.rounds == 30 for r in methods.runs)
-    heterogeneity = load_sweep(ROOT / "experiments" / "sweeps" / "digits-heterogeneity.toml", tmp_path / "h")
-    assert len(heterogeneity.runs) == 2 * 3 * 3
-    assert heterogeneity.runs[0].name == "method=fedavg,dirichlet-alpha=0.1,seed=0"
+SHARED = ROOT.parent / "shared" / "data"
+SHIPPED = sorted((ROOT / "experiments" / "sweeps").glob("*.toml"))
+
+
+@pytest.mark.parametrize("path", SHIPPED, ids=[p.stem for p in SHIPPED])
+def test_shipped_sweep_files_are_valid_and_use_the_tuned_step_sizes(path, tmp_path, monkeypatch):
+    """The study's sweeps load (data found, every run valid) and give each method the step size
+    chosen for it on the validation split (experiments/tuning/<problem>.md)."""
+    if "shared/data" in path.read_text() and not SHARED.is_dir():
+        pytest.skip("needs ../shared/data (a9a, MNIST)")
+    monkeypatch.chdir(ROOT)  # the files name the data relative to the project root
+    sweep = load_sweep(path, tmp_path / "out")
+    assert sweep.backend == "inprocess"
+    assert len(sweep.runs) % 3 == 0 and {r.config.seed for r in sweep.runs} == {0, 1, 2}
+    problem = path.stem.split("-")[0]
+    block = (ROOT / "experiments" / "tuning" / f"{problem}.md").read_text().split("```toml")[1].split("```")[0]
+    for run in sweep.runs:
+        method = run.values["method"]
+        options = block.split(f"[method-options.{method}]")[1].split("[")[0]
+        for line in filter(None, (l.strip() for l in options.splitlines())):
+            key, value = (part.strip() for part in line.split("="))
+            assert getattr(run.config, key.replace("-", "_")) == float(value), (run.name, key)

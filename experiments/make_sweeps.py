@@ -1,0 +1,88 @@
+"""Write the study's sweep files from the tuned step sizes (``experiments/tuning/<problem>.md``).
+
+Four sweeps per problem, each answering questions of ``experiments/REPORT.md``:
+
+- ``<problem>-methods``: Local SGD, four scalings (global), adam and oasis local, and the five
+  baselines (questions 1, 2 and 5);
+- ``<problem>-heterogeneity``: Dirichlet alpha 0.05 / 0.1 / 0.5 / 1.0 with client evaluation
+  (question 3), and ``<problem>-iid`` the same on an iid split;
+- ``<problem>-epochs``: 1, 2 and 5 local epochs (question 4).
+
+Every method runs with the step size chosen for it on the validation split; the
+sweeps run on the in-process backend (the same ServerApp and ClientApp code
+as the simulation engine, without Ray's start-up per run).
+
+    python experiments/make_sweeps.py      # rewrites experiments/sweeps/*.toml
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+SEEDS = [0, 1, 2]
+PROBLEMS = {  # base options, target accuracy, what it is
+    "digits": ({"dataset": "digits", "model": "cnn", "rounds": 30}, 0.9, "digits + CNN (offline default)"),
+    "a9a": ({"dataset": "libsvm:../shared/data/a9a/a9a", "test-path": "../shared/data/a9a/a9a.t",
+             "model": "logreg", "rounds": 20}, 0.84, "a9a + logistic regression (convex)"),
+    "mnist": ({"dataset": "idx:../shared/data/mnist-t10k", "model": "cnn", "rounds": 15}, 0.95,
+              "MNIST test set split 8,000 / 2,000 + CNN"),
+}
+METHODS = ["fedavg", "savic-adagrad-global", "savic-rmsprop-global", "savic-adam-global", "savic-adam-local",
+           "savic-oasis-global", "savic-oasis-local", "fedadam", "fedyogi", "fedadagrad", "fedprox", "local-adam"]
+PAIR = ["fedavg", "savic-adam-local"]  # Local SGD against the scaling the paper recommends
+
+
+def tuned(problem: str) -> dict[str, str]:
+    """``{method: "[method-options.<method>]\\n..."}`` from the tuning table's TOML block."""
+    text = (HERE / "tuning" / f"{problem}.md").read_text(encoding="utf-8")
+    block = text.split("```toml", 1)[1].split("```", 1)[0]
+    return {m.group(1): m.group(0).strip() for m in re.finditer(r"\[method-options\.([\w-]+)\]\n(?:[^\[\n].*\n?)*", block)}
+
+
+def toml_value(value) -> str:
+    return f'"{value}"' if isinstance(value, str) else repr(value).replace("'", '"')
+
+
+def sweep(problem: str, kind: str, note: str, grid: dict, extra_base: dict | None = None) -> str:
+    base, target, title = PROBLEMS[problem]
+    options = tuned(problem)
+    lines = [f"# {title}: {note}", "# Written by experiments/make_sweeps.py from experiments/tuning/"
+             f"{problem}.md (step sizes chosen on a validation split).",
+             f'out = "experiments/results/{problem}-{kind}"', f"target-accuracy = {target}", 'backend = "inprocess"',
+             "", "[base]"]
+    lines += [f"{key} = {toml_value(value)}" for key, value in {**base, **(extra_base or {})}.items()]
+    lines.append("")
+    for method in grid["method"]:
+        lines += [options[method], ""]
+    lines.append("[grid]")
+    for key, values in grid.items():
+        lines.append(f"{key} = [{', '.join(toml_value(v) for v in values)}]")
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    folder = HERE / "sweeps"
+    for problem in PROBLEMS:
+        if not (HERE / "tuning" / f"{problem}.md").is_file():
+            print(f"skipped {problem}: run experiments/tune.py {problem} first")
+            continue
+        files = {
+            "methods": sweep(problem, "methods", "Local SGD, SAVIC scalings (global and local) and baselines "
+                             "(questions 1, 2, 5)", {"method": METHODS, "seed": SEEDS}),
+            "heterogeneity": sweep(problem, "heterogeneity", "Dirichlet concentration, with client evaluation "
+                                   "(question 3)", {"method": PAIR, "dirichlet-alpha": [0.05, 0.1, 0.5, 1.0],
+                                                    "seed": SEEDS}, {"client-eval-every": 5}),
+            "iid": sweep(problem, "iid", "iid split, with client evaluation (question 3)",
+                         {"method": PAIR, "seed": SEEDS}, {"partitioner": "iid", "client-eval-every": 5}),
+            "epochs": sweep(problem, "epochs", "local epochs per round (question 4)",
+                            {"method": PAIR, "local-epochs": [1, 2, 5], "seed": SEEDS}),
+        }
+        for kind, text in files.items():
+            (folder / f"{problem}-{kind}.toml").write_text(text, encoding="utf-8")
+            print(f"wrote {folder / f'{problem}-{kind}.toml'}")
+
+
+if __name__ == "__main__":
+    main()
