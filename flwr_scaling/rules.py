@@ -173,7 +173,8 @@ class ScalingRule:
         """
         if self.update_in_place_fn is None:
             raise NotImplementedError(f"rule {self.name!r} has no in-place update")
-        self.update_in_place_fn(states, statistic, beta, squared)
+        if states:  # foreach kernels refuse empty lists
+            self.update_in_place_fn(states, statistic, beta, squared)
 
     def diagonal_many(self, states: list[torch.Tensor], alpha: float) -> list[torch.Tensor]:
         """``[max(alpha, D(v)) for v in states]`` for torch tensors, as new tensors.
@@ -183,6 +184,8 @@ class ScalingRule:
         """
         if self.diagonal_many_fn is None:
             raise NotImplementedError(f"rule {self.name!r} has no list diagonal")
+        if not states:
+            return []
         diagonals = self.diagonal_many_fn(states)
         torch._foreach_clamp_min_(diagonals, alpha)
         return diagonals

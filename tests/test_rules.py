@@ -369,3 +369,10 @@ def test_update_in_place_equals_pure_update_over_many_steps(name):
         RULES[name].update_(in_place, grads, 0.9, squared=squared)
     for got, expected in zip(in_place, pure.values(), strict=True):
         torch.testing.assert_close(got, expected, rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("name", list(RULES))
+def test_in_place_variants_accept_empty_lists(name):
+    # a model without trainable parameters: nothing to update, no diagonal
+    RULES[name].update_([], [], 0.9, squared=True)
+    assert RULES[name].diagonal_many([], 1e-3) == []
