@@ -1,0 +1,270 @@
+"""Scale: 1,000 clients with 10 sampled per round against 100 clients with 10 per round,
+on Flower's simulation engine: round time, start-up and peak memory.
+
+What is measured
+----------------
+a9a (``dataset="libsvm:/work/shared/data/a9a/a9a"``, ``test_path=".../a9a.t"``,
+``model="logreg"``) split iid (``partitioner="iid"``: the Dirichlet split
+cannot give 1,000 clients 10 examples each at alpha 0.5), SAVIC adam global,
+``clients_per_round=10``, ``num_clients`` 100 or 1,000. ``batch_size=1024``:
+every client takes exactly one step on all its data (325 or 32 examples), so
+both federations do the same work per round and the comparison shows what
+the number of clients costs, not how much data each holds.
+
+Each run is a fresh child process (``--child``) calling
+``flwr_scaling.simulation.simulate``; it reports
+
+* ``wall_s`` per round from ``metrics.csv``: steady state = median over rounds
+  ``--skip + 1`` to the last;
+* start-up: from calling ``simulate`` to the round-0 evaluation (options,
+  data, partition checks, the heatmap, Ray, the actors, the server asking every
+  node for its partition id);
+* the server process's peak resident memory (``ru_maxrss``: the driver holds
+  the ServerApp, Flower's in-memory LinkState with one entry per node, and the
+  simulation runtime's per-node contexts).
+
+While the child runs, this process samples every process in its tree (the
+driver, Ray's GCS, raylet and helpers, the client actors) every 0.25 s from
+``/proc``: the peak of the summed RSS and of the summed PSS (proportional set
+size: shared libraries such as torch counted once across processes, so it is
+the honest total), and the peak RSS of the actors alone.
+
+How: repeats alternate the two sizes in a fresh random order each time; the
+tables give medians, and the ratios are medians of the per-repeat ratios
+1,000 / 100. Targets: both ratios within 1.2x.
+
+Run (from the repository root; Ray needs a short temporary folder)::
+
+    RAY_TMPDIR=/tmp/raye .venv/bin/python benchmarks/scale.py           # 3 repeats, 20 rounds: ~7 min
+    RAY_TMPDIR=/tmp/raye .venv/bin/python benchmarks/scale.py --quick   # 1 repeat, 8 rounds: ~2 min
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+A9A = "/work/shared/data/a9a"
+SIZES = (100, 1000)
+TARGET = 1.2
+PAGE = os.sysconf("SC_PAGE_SIZE")
+
+
+def config(num_clients: int, rounds: int, out: str):
+    from flwr_scaling.config import RunConfig
+
+    return RunConfig(
+        strategy="savic", precond="adam", precond_mode="global",
+        dataset=f"libsvm:{A9A}/a9a", test_path=f"{A9A}/a9a.t", model="logreg",
+        partitioner="iid", num_clients=num_clients, clients_per_round=10, batch_size=1024,
+        rounds=rounds, out=out,
+    )
+
+
+# ------------------------------------------------------------------ child side
+def child(num_clients: int, rounds: int, out: str, flower_polling: bool = False) -> None:
+    """Run one simulation; print one JSON line (last line of stdout)."""
+    import contextlib
+    import io
+    import resource
+
+    from flwr_scaling import recorder, simulation
+    from flwr_scaling.simulation import simulate
+
+    if flower_polling:  # Flower's runtime as installed: every node asked every 0.1 s
+
+        @contextlib.contextmanager
+        def untouched():
+            yield False
+
+        simulation._prompt_delivery = untouched
+
+    marks: dict[str, float] = {}
+    initial = recorder.RunRecorder.initial
+
+    def timed_initial(self, *args, **kwargs):
+        marks["initial"] = time.perf_counter()
+        return initial(self, *args, **kwargs)
+
+    recorder.RunRecorder.initial = timed_initial
+    start = time.perf_counter()
+    with contextlib.redirect_stdout(io.StringIO()):
+        rows = simulate(config(num_clients, rounds, out))
+    end = time.perf_counter()
+    print(json.dumps({
+        "walls": [r["wall_s"] for r in rows],
+        "startup": marks["initial"] - start,
+        "total": end - start,
+        "driver_maxrss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+    }))
+
+
+# ------------------------------------------------------------------ parent side
+def _children_map() -> dict[int, list[int]]:
+    children: dict[int, list[int]] = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat", "rb") as handle:
+                stat = handle.read()
+        except OSError:
+            continue
+        # The command name is in parentheses and may hold spaces; ppid is the 2nd field after it.
+        ppid = int(stat[stat.rindex(b")") + 2:].split()[1])
+        children.setdefault(ppid, []).append(int(entry))
+    return children
+
+
+def _tree(root: int) -> list[int]:
+    children = _children_map()
+    found, todo = [], [root]
+    while todo:
+        pid = todo.pop()
+        found.append(pid)
+        todo.extend(children.get(pid, []))
+    return found
+
+
+def _rss_pss(pid: int) -> tuple[int, int, str]:
+    try:
+        with open(f"/proc/{pid}/statm") as handle:
+            rss = int(handle.read().split()[1]) * PAGE
+        pss = rss
+        try:
+            with open(f"/proc/{pid}/smaps_rollup") as handle:
+                for line in handle:
+                    if line.startswith("Pss:"):
+                        pss = int(line.split()[1]) * 1024
+                        break
+        except OSError:
+            pass
+        with open(f"/proc/{pid}/cmdline", "rb") as handle:
+            command = handle.read().replace(b"\0", b" ").decode(errors="replace")
+        return rss, pss, command
+    except OSError:
+        return 0, 0, ""
+
+
+class TreeSampler(threading.Thread):
+    """Peak summed RSS and PSS of a process tree, sampled every ``interval`` seconds."""
+
+    def __init__(self, root: int, interval: float = 0.25) -> None:
+        super().__init__(daemon=True)
+        self.root, self.interval = root, interval
+        self.peak_rss = self.peak_pss = self.peak_actors_rss = 0
+        self.max_processes = 0
+        self._halt = threading.Event()
+
+    def run(self) -> None:
+        while not self._halt.is_set():
+            rss_total = pss_total = actors = 0
+            pids = _tree(self.root)
+            for pid in pids:
+                rss, pss, command = _rss_pss(pid)
+                rss_total += rss
+                pss_total += pss
+                if "ClientAppActor" in command:
+                    actors += rss
+            self.peak_rss = max(self.peak_rss, rss_total)
+            self.peak_pss = max(self.peak_pss, pss_total)
+            self.peak_actors_rss = max(self.peak_actors_rss, actors)
+            self.max_processes = max(self.max_processes, len(pids))
+            self._halt.wait(self.interval)
+
+    def stop(self) -> None:
+        self._halt.set()
+        self.join()
+
+
+def run_child(num_clients: int, rounds: int, workdir: Path, flower_polling: bool = False) -> dict:
+    out = workdir / f"clients-{num_clients}"
+    command = [sys.executable, __file__, "--child", str(num_clients), "--rounds", str(rounds), "--out", str(out)]
+    if flower_polling:
+        command.append("--flower-polling")
+    env = dict(os.environ)
+    env.setdefault("RAY_TMPDIR", "/tmp/raye")
+    proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    sampler = TreeSampler(proc.pid)
+    sampler.start()
+    stdout, stderr = proc.communicate()
+    sampler.stop()
+    if proc.returncode != 0:
+        raise RuntimeError(f"{num_clients} clients: child failed ({proc.returncode}):\n{stderr[-3000:]}")
+    result = json.loads(stdout.strip().splitlines()[-1])
+    result.update(tree_rss=sampler.peak_rss, tree_pss=sampler.peak_pss, actors_rss=sampler.peak_actors_rss,
+                  processes=sampler.max_processes)
+    return result
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="1 repeat, 8 rounds")
+    parser.add_argument("--rounds", type=int, default=None, help="rounds per run (default 20)")
+    parser.add_argument("--skip", type=int, default=3, help="rounds left out of the steady state (default 3)")
+    parser.add_argument("--repeats", type=int, default=None, help="default 3")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--polling-ab", action="store_true",
+                        help="also run 1,000 clients on Flower's own polling (every node asked every 0.1 s)")
+    parser.add_argument("--flower-polling", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--child", type=int, help=argparse.SUPPRESS)
+    parser.add_argument("--out", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    args.rounds = args.rounds or (8 if args.quick else 20)
+    if args.child:
+        child(args.child, args.rounds, args.out, args.flower_polling)
+        return
+    args.repeats = args.repeats or (1 if args.quick else 3)
+    if args.rounds <= args.skip:
+        parser.error(f"--rounds must exceed --skip ({args.skip})")
+    Path(os.environ.setdefault("RAY_TMPDIR", "/tmp/raye")).mkdir(parents=True, exist_ok=True)
+    rng = random.Random(args.seed)
+    runs: dict[int, list[dict]] = {n: [] for n in SIZES}
+    with tempfile.TemporaryDirectory(prefix="scale-") as tmp:
+        for repeat in range(args.repeats):
+            order = list(SIZES)
+            rng.shuffle(order)
+            for n in order:
+                result = run_child(n, args.rounds, Path(tmp))
+                result["steady"] = statistics.median(result["walls"][args.skip:])
+                runs[n].append(result)
+                print(f"  repeat {repeat + 1}/{args.repeats} {n:5d} clients: {result['steady']:.3f} s/round, "
+                      f"start-up {result['startup']:.1f} s, server peak RSS {result['driver_maxrss'] / 2**20:.0f} MiB, "
+                      f"tree peak PSS {result['tree_pss'] / 2**20:.0f} MiB", flush=True)
+
+    def med(n: int, key: str) -> float:
+        return statistics.median(r[key] for r in runs[n])
+
+    def ratio(key: str) -> float:
+        return statistics.median(big[key] / small[key] for small, big in zip(runs[100], runs[1000]))
+
+    mib = 2**20
+    print()
+    print(f"a9a logreg, iid, SAVIC adam global, 10 clients per round, batch 1024 (one step per client), "
+          f"{args.rounds} rounds; steady state = median wall_s of rounds {args.skip + 1}-{args.rounds}; "
+          f"medians over {args.repeats} repeat(s).")
+    print()
+    print("| clients | steady s/round | round 1 s | start-up s | server peak RSS MiB | tree peak RSS MiB "
+          "| tree peak PSS MiB | actors peak RSS MiB | processes |")
+    print("|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+    for n in SIZES:
+        print(f"| {n:,} | {med(n, 'steady'):.3f} | {statistics.median(r['walls'][0] for r in runs[n]):.2f} "
+              f"| {med(n, 'startup'):.1f} | {med(n, 'driver_maxrss') / mib:.0f} | {med(n, 'tree_rss') / mib:.0f} "
+              f"| {med(n, 'tree_pss') / mib:.0f} | {med(n, 'actors_rss') / mib:.0f} | {med(n, 'processes'):.0f} |")
+    print(f"| 1,000 / 100 | {ratio('steady'):.2f} | | {ratio('startup'):.2f} | {ratio('driver_maxrss'):.2f} "
+          f"| {ratio('tree_rss'):.2f} | {ratio('tree_pss'):.2f} | {ratio('actors_rss'):.2f} | |")
+    print()
+    print(f"Targets: round time and peak memory of 1,000 clients within {TARGET}x of 100 clients.")
+
+
+if __name__ == "__main__":
+    main()
