@@ -24,6 +24,10 @@ HELP = {
     "precond_alpha": "lower clip of the diagonal, D̂ = max(alpha, D(v)). Default: 0.1 for oasis, 1e-3 otherwise",
     "precond_init": "warmup (v0 = mean statistic at x0) or ones (v0 = 1). Default: warmup",
     "precond_probes": "Hutchinson probes per step (oasis). Default: 1",
+    "precond_dtype": "encoding of the preconditioner state sent down and the statistic (or state) sent up: "
+                     "float32, bfloat16, float16 (the server keeps float32). Default: float32",
+    "precond_every": "send the preconditioner state every K rounds; clients reuse their cached copy in between. "
+                     "Default: 1",
     "warmup_batches": "batches per client for the warm-up statistic. Default: 4",
     "adam_beta1": "first-moment factor of adam, in [0, 1). Default: 0.9",
     "momentum": "heavy-ball momentum on g/D̂, in [0, 1). Default: 0 (the paper has none)",

@@ -42,6 +42,8 @@ def make_strategy(cfg: RunConfig) -> Savic:
         precond_beta=cfg.precond_beta,
         precond_alpha=cfg.precond_alpha,
         precond_init=cfg.precond_init,
+        precond_dtype=cfg.precond_dtype,
+        precond_every=cfg.precond_every,
         min_successful_clients=cfg.min_successful_clients,
         sampling_seed=derived_seed(cfg.seed, 0x5A),
         fraction_train=cfg.clients_per_round / cfg.num_clients,
