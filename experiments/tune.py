@@ -76,6 +76,10 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0])
     parser.add_argument("--rounds", type=int, help="default: the study's rounds for the problem")
     parser.add_argument("--methods", nargs="+", default=list(GRIDS), choices=list(GRIDS))
+    parser.add_argument("--values", type=float, nargs="+",
+                        help="replace the grids of --methods (to widen a grid whose best value was at its edge; "
+                             "write to another --out, e.g. tuning/<problem>-wider.md, which make_sweeps.py reads after "
+                             "<problem>.md)")
     parser.add_argument("--out", type=Path, help="default: experiments/tuning/<problem>.md")
     args = parser.parse_args()
     # One thread, as each simulation actor has: small models, and two threads thrash on a busy machine.
@@ -89,13 +93,14 @@ def main() -> None:
 
     start = time.perf_counter()
     lines = [f"# Step sizes for {args.problem}", "",
-             f"`python experiments/tune.py {args.problem} --seeds {' '.join(map(str, args.seeds))}`"
+             f"`python experiments/tune.py {' '.join(sys.argv[1:])}`"
              f" ({problem['rounds']} rounds, validation split, seeds {args.seeds})", "",
              "| method | option | value | mean val acc over rounds | final val acc | chosen |", "|---|---|---|---|---|---|"]
     chosen: dict[str, tuple[str, float]] = {}
     methods = sorted(args.methods, key=lambda m: m in NEEDS_FEDAVG_LR)  # fedavg's γ first
     for method in methods:
         option, values = GRIDS[method]
+        values = args.values or values
         fixed = {}
         if method in NEEDS_FEDAVG_LR:
             if "fedavg" not in chosen:

@@ -8,6 +8,7 @@ kills it with SIGKILL.
 from __future__ import annotations
 
 import csv
+import importlib.util
 import io
 import json
 import logging
@@ -498,11 +499,12 @@ def test_shipped_sweep_files_are_valid_and_use_the_tuned_step_sizes(path, tmp_pa
     sweep = load_sweep(path, tmp_path / "out")
     assert sweep.backend == "inprocess"
     assert len(sweep.runs) % 3 == 0 and {r.config.seed for r in sweep.runs} == {0, 1, 2}
-    problem = path.stem.split("-")[0]
-    block = (ROOT / "experiments" / "tuning" / f"{problem}.md").read_text().split("```toml")[1].split("```")[0]
+    spec = importlib.util.spec_from_file_location("make_sweeps", ROOT / "experiments" / "make_sweeps.py")
+    make_sweeps = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(make_sweeps)
+    chosen = make_sweeps.tuned(path.stem.split("-")[0])  # the tuning tables' [method-options] blocks
     for run in sweep.runs:
-        method = run.values["method"]
-        options = block.split(f"[method-options.{method}]")[1].split("[")[0]
+        options = chosen[run.values["method"]].split("\n", 1)[1]
         for line in filter(None, (l.strip() for l in options.splitlines())):
             key, value = (part.strip() for part in line.split("="))
             assert getattr(run.config, key.replace("-", "_")) == float(value), (run.name, key)
