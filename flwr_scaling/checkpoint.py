@@ -28,6 +28,9 @@ class Checkpoint:
     precond_state: dict[str, np.ndarray] | None
     sampler_state: Any  # random.Random.getstate()
     rows: list[dict[str, Any]]  # metrics.csv so far
+    # The last preconditioner state sent to clients and its version (round), with precond-every > 1.
+    broadcast_version: int | None = None
+    broadcast_state: dict[str, np.ndarray] | None = None
 
 
 def _to_json_state(state: Any) -> Any:
@@ -48,9 +51,11 @@ def save_checkpoint(out_dir: str | Path, checkpoint: Checkpoint) -> Path:
         "sampler_state": _to_json_state(checkpoint.sampler_state),
         "rows": checkpoint.rows,
         "has_precond": checkpoint.precond_state is not None,
+        "broadcast_version": checkpoint.broadcast_version,
     }
     arrays = {f"model/{k}": v for k, v in checkpoint.model.items()}
     arrays.update({f"precond/{k}": v for k, v in (checkpoint.precond_state or {}).items()})
+    arrays.update({f"broadcast/{k}": v for k, v in (checkpoint.broadcast_state or {}).items()})
     tmp = out / f".{CHECKPOINT}.tmp"
     with open(tmp, "wb") as handle:
         np.savez(handle, meta=np.array(json.dumps(meta)), **arrays)
@@ -70,6 +75,7 @@ def load_checkpoint(out_dir: str | Path) -> Checkpoint:
             meta = json.loads(str(data["meta"]))
             model = {k.split("/", 1)[1]: data[k] for k in data.files if k.startswith("model/")}
             precond = {k.split("/", 1)[1]: data[k] for k in data.files if k.startswith("precond/")}
+            broadcast = {k.split("/", 1)[1]: data[k] for k in data.files if k.startswith("broadcast/")}
     except (OSError, ValueError, KeyError) as error:
         raise ValueError(f"checkpoint {path} is unreadable: {error}") from None
     return Checkpoint(
@@ -79,4 +85,6 @@ def load_checkpoint(out_dir: str | Path) -> Checkpoint:
         precond_state=precond if meta["has_precond"] else None,
         sampler_state=_from_json_state(meta["sampler_state"]),
         rows=meta["rows"],
+        broadcast_version=meta.get("broadcast_version"),
+        broadcast_state=broadcast if meta.get("broadcast_version") is not None else None,
     )

@@ -106,6 +106,8 @@ def run_server(grid: Grid, config: RunConfig, resume: Checkpoint | None = None) 
         initial = resume.model
         strategy.precond_state = resume.precond_state
         strategy.sampler_state = resume.sampler_state
+        if resume.broadcast_version is not None:
+            strategy.broadcast = (resume.broadcast_version, resume.broadcast_state)
         strategy.round_offset = done
         recorder.restore(resume.rows)
 
@@ -122,10 +124,13 @@ def run_server(grid: Grid, config: RunConfig, resume: Checkpoint | None = None) 
             recorder.add({"round": true_round, "test_loss": test_loss, "test_accuracy": test_accuracy, **history, **gap})
             every = cfg.checkpoint_every
             if every and (true_round % every == 0 or true_round == cfg.rounds):
+                # With precond-every > 1 the clients may be using an older state than the server's.
+                sent = strategy.broadcast if cfg.precond_every > 1 else None
                 save_checkpoint(
                     cfg.out,
                     Checkpoint(true_round, flower_config, current, strategy.precond_state,
-                               strategy.sampler_state, recorder.rows),
+                               strategy.sampler_state, recorder.rows,
+                               broadcast_version=sent[0] if sent else None, broadcast_state=sent[1] if sent else None),
                 )
         return MetricRecord({"test_loss": test_loss, "test_accuracy": test_accuracy})
 

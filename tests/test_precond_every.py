@@ -361,3 +361,39 @@ def test_server_and_clients_in_process_match_the_serial_reference(tmp_path, dtyp
     sent = [m for m in grid.sent if m.metadata.message_type == MessageType.TRAIN and "precond" in m.content.array_records]
     assert 0 < len(sent) < 2 * cfg.rounds if every > 1 else len(sent) == 2 * cfg.rounds
     assert strategy.precond_every == every and strategy.precond_dtype == dtype
+
+
+class _StopAtRound:
+    """This project's ClientApp, but the process "dies" (KeyboardInterrupt) when round ``round`` starts."""
+
+    def __init__(self, round_: int):
+        from flwr_scaling.clients import app
+
+        self.app, self.round = app, round_
+
+    def __call__(self, message, context):
+        if message.metadata.message_type == "train" and int(message.content["config"]["server-round"]) == self.round:
+            raise KeyboardInterrupt
+        return self.app(message, context)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_a_run_resumed_between_refreshes_ends_as_the_uninterrupted_run(tmp_path, dtype):
+    """precond-every 3: stopped after round 2 and resumed, round 3 must still use round 1's state."""
+    from flwr_scaling.checkpoint import load_checkpoint
+    from flwr_scaling.config import RunConfig
+    from flwr_scaling.inprocess import run_inprocess
+
+    common = dict(rounds=4, num_clients=3, warmup_batches=1, precond_every=3, precond_dtype=dtype)
+    whole = run_inprocess(RunConfig(out=str(tmp_path / "whole"), **common))
+    cut = RunConfig(out=str(tmp_path / "cut"), **common)
+    with pytest.raises(KeyboardInterrupt):
+        run_inprocess(cut, client_app=_StopAtRound(3))
+    checkpoint = load_checkpoint(tmp_path / "cut")
+    assert (checkpoint.round, checkpoint.broadcast_version) == (2, 1)
+    resumed = run_inprocess(cut, resume=checkpoint)
+    assert [r["test_accuracy"] for r in resumed] == [r["test_accuracy"] for r in whole]
+    assert [r["precond_max"] for r in resumed] == [r["precond_max"] for r in whole]
+    final, reference = load_checkpoint(tmp_path / "cut"), load_checkpoint(tmp_path / "whole")
+    for key, value in reference.model.items():
+        assert np.array_equal(final.model[key], value), key

@@ -210,6 +210,8 @@ class Savic(FedAvg):
         self._delivered: dict[int, int] = {}
         self._round_version: int | None = None
         self._refreshed = False  # the first round this strategy runs always sends the state
+        # (version, decoded state) of the last refresh, from a checkpoint (see ``broadcast``).
+        self._restored_broadcast: tuple[int, dict[str, np.ndarray]] | None = None
 
     # ----------------------------------------------------------------- Flower API
     def summary(self) -> None:
@@ -245,6 +247,8 @@ class Savic(FedAvg):
         self._resolve_wire_options(config)
         if self.rule.has_state and self.precond_state is None and self.precond_init == "warmup":
             self._warm_up(node_ids, arrays, config, grid)
+        if not self._refreshed and self._restored_broadcast is not None and (true_round - 1) % self.precond_every:
+            self._restore_broadcast()  # a resumed run between refreshes: clients train with the old version
         if not self._refreshed or (true_round - 1) % self.precond_every == 0:
             self._refresh_broadcast(true_round)
         low, high = self._broadcast_bounds
@@ -448,6 +452,30 @@ class Savic(FedAvg):
         _check_wire_options(self.precond_dtype, self.precond_every)
         if self.rule.has_state:
             config[DTYPE_KEY] = self.precond_dtype
+
+    @property
+    def broadcast(self) -> tuple[int, dict[str, np.ndarray]] | None:
+        """``(version, state as the clients decode it)`` of the last state sent, for checkpoints:
+        with ``precond_every`` > 1 a run resumed between refreshes must send that version, not the
+        current state, to end as an uninterrupted run does. ``None`` when no state was sent."""
+        if self._broadcast is None or self._broadcast_version is None:
+            return self._restored_broadcast
+        return self._broadcast_version, self._decode_record(self._broadcast, self.precond_key)
+
+    @broadcast.setter
+    def broadcast(self, value: tuple[int, dict[str, np.ndarray]] | None) -> None:
+        self._restored_broadcast = value
+
+    def _restore_broadcast(self) -> None:
+        """Encode the checkpoint's last-sent state again as its version (the codecs give back the
+        same decoded values when re-encoding decoded values)."""
+        version, state = self._restored_broadcast
+        self._refreshed = True
+        self._broadcast = RecordDict()
+        put_encoded(self._broadcast, self.precond_key, state, dtype=self.precond_dtype)
+        self._broadcast_version = version
+        sent = self._decode_record(self._broadcast, self.precond_key)
+        self._broadcast_bounds = diagonal_bounds(self.rule.diagonal(sent, self.precond_alpha))
 
     def _refresh_broadcast(self, true_round: int) -> None:
         """Encode the current state once, as the version of ``true_round``, for every node to receive."""
