@@ -249,6 +249,13 @@ def median(values) -> float:
     return statistics.median(list(values))
 
 
+def spread(ratios: list[float]) -> str:
+    """``median (lowest-highest)`` of per-repeat ratios; just the ratio for one repeat."""
+    if len(ratios) == 1:
+        return f"{ratios[0]:.2f}"
+    return f"{median(ratios):.2f} ({min(ratios):.2f}-{max(ratios):.2f})"
+
+
 def timing_tables(problems: list[str], args, workdir: Path) -> dict:
     """Run every (problem, method) on both backends, interleaved; print the table; return the raw results."""
     results: dict[tuple[str, str], list[dict]] = {}
@@ -276,7 +283,8 @@ def timing_tables(problems: list[str], args, workdir: Path) -> dict:
                 )
     print()
     print(f"Steady state = median wall_s of rounds {args.skip + 1}-{args.rounds}; medians over {args.repeats} "
-          f"repeat(s); ratios are medians of per-repeat ratios. torch threads in this process: {args.threads}.")
+          f"repeat(s); ratios are medians of per-repeat ratios (lowest-highest). torch threads in this process: "
+          f"{args.threads}. Load average before / after: {args.load_before} / {' '.join(f'{x:.1f}' for x in os.getloadavg())}.")
     for problem in problems:
         print()
         print(f"### {problem}")
@@ -292,8 +300,8 @@ def timing_tables(problems: list[str], args, workdir: Path) -> dict:
             vs_fedavg = [s / steady(b["sim"]["walls"], args.skip) for s, b in zip(sim, base)]
             vs_fedavg_serial = [s / steady(b["serial"]["walls"], args.skip) for s, b in zip(ser, base)]
             print(
-                f"| {method} | {median(sim):.3f} | {median(ser):.3f} | {median(a / b for a, b in zip(sim, ser)):.2f} "
-                f"| {median(vs_fedavg):.2f} | {median(vs_fedavg_serial):.2f} "
+                f"| {method} | {median(sim):.3f} | {median(ser):.3f} | {spread([a / b for a, b in zip(sim, ser)])} "
+                f"| {spread(vs_fedavg)} | {spread(vs_fedavg_serial)} "
                 f"| {median(r['sim']['walls'][0] for r in runs):.2f} "
                 f"| {median(r['sim']['startup'] for r in runs):.1f} | {median(r['sim']['shutdown'] for r in runs):.1f} |"
             )
@@ -309,7 +317,7 @@ def timing_tables(problems: list[str], args, workdir: Path) -> dict:
             sim = [steady(r["sim"]["walls"], args.skip) for r in runs]
             ser = [steady(r["serial"]["walls"], args.skip) for r in runs]
             print(f"| {problem} | {median(flower):.3f} | {median(sim):.3f} "
-                  f"| {median(a / b for a, b in zip(flower, ser)):.2f} | {median(a / b for a, b in zip(sim, ser)):.2f} |")
+                  f"| {spread([a / b for a, b in zip(flower, ser)])} | {spread([a / b for a, b in zip(sim, ser)])} |")
     print()
     print(f"Targets: savic <= {SAVIC_TARGET:.2f}x fedavg; simulation <= {SERIAL_TARGET:.1f}x serial (steady state).")
     breakdown(problems, args, results)
@@ -449,6 +457,7 @@ def main() -> None:
     if args.rounds <= args.skip:
         parser.error(f"--rounds must exceed --skip ({args.skip})")
     torch.set_num_threads(args.threads)
+    args.load_before = " ".join(f"{x:.1f}" for x in os.getloadavg())
     os.environ.setdefault("RAY_TMPDIR", "/tmp/raye")
     Path(os.environ["RAY_TMPDIR"]).mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="e2e-") as tmp:

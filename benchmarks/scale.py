@@ -29,14 +29,26 @@ driver, Ray's GCS, raylet and helpers, the client actors) every 0.25 s from
 size: shared libraries such as torch counted once across processes, so it is
 the honest total), and the peak RSS of the actors alone.
 
-How: repeats alternate the two sizes in a fresh random order each time; the
-tables give medians, and the ratios are medians of the per-repeat ratios
-1,000 / 100. Targets: both ratios within 1.2x.
+The start-up is also split into its parts: ``prepare_output`` (options,
+data, the partition check, the heatmap), ``wait_for_nodes`` (Ray, the actors
+and the runtime registering every node) and ``describe_nodes`` (the server
+asks every node for its partition id, one message per node). Round 1 holds
+the actors' first train messages and, for logreg, the server's one-off
+solve of f* for the optimality-gap column.
+
+``--polling-ab`` adds 1,000 clients on Flower's runtime as installed
+(``simulate`` without its prompt delivery: the extractor asks every node for
+messages every 0.1 s and the grid polls replies every 0.1 s).
+
+How: repeats run the sizes in a fresh random order each time; the tables give
+medians, and the ratios are medians of the per-repeat ratios to 100 clients.
+Targets: round time and peak memory within 1.2x.
 
 Run (from the repository root; Ray needs a short temporary folder)::
 
-    RAY_TMPDIR=/tmp/raye .venv/bin/python benchmarks/scale.py           # 3 repeats, 20 rounds: ~7 min
-    RAY_TMPDIR=/tmp/raye .venv/bin/python benchmarks/scale.py --quick   # 1 repeat, 8 rounds: ~2 min
+    RAY_TMPDIR=/tmp/raye .venv/bin/python benchmarks/scale.py               # 3 repeats, 15 rounds: ~12 min
+    RAY_TMPDIR=/tmp/raye .venv/bin/python benchmarks/scale.py --polling-ab  # also Flower's own polling
+    RAY_TMPDIR=/tmp/raye .venv/bin/python benchmarks/scale.py --quick       # 1 repeat, 8 rounds: ~5 min
 """
 
 from __future__ import annotations
@@ -88,14 +100,33 @@ def child(num_clients: int, rounds: int, out: str, flower_polling: bool = False)
 
         simulation._prompt_delivery = untouched
 
+    from flwr_scaling import server_app
+
     marks: dict[str, float] = {}
     initial = recorder.RunRecorder.initial
+    parts: dict[str, float] = {}
 
     def timed_initial(self, *args, **kwargs):
         marks["initial"] = time.perf_counter()
         return initial(self, *args, **kwargs)
 
+    def timed(owner, name: str, label: str) -> None:
+        original = getattr(owner, name)
+
+        def wrapper(*args, **kwargs):
+            began = time.perf_counter()
+            try:
+                return original(*args, **kwargs)
+            finally:
+                parts[label] = parts.get(label, 0.0) + time.perf_counter() - began
+
+        setattr(owner, name, wrapper)
+
     recorder.RunRecorder.initial = timed_initial
+    # The start-up's parts: options, data and partition check, heatmap; Ray, actors and nodes up; one query per node.
+    timed(simulation, "prepare_output", "prepare_output")
+    timed(server_app, "wait_for_nodes", "wait_for_nodes")
+    timed(server_app, "describe_nodes", "describe_nodes")
     start = time.perf_counter()
     with contextlib.redirect_stdout(io.StringIO()):
         rows = simulate(config(num_clients, rounds, out))
@@ -103,6 +134,7 @@ def child(num_clients: int, rounds: int, out: str, flower_polling: bool = False)
     print(json.dumps({
         "walls": [r["wall_s"] for r in rows],
         "startup": marks["initial"] - start,
+        "startup_parts": parts,
         "total": end - start,
         "driver_maxrss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
     }))
@@ -209,7 +241,7 @@ def run_child(num_clients: int, rounds: int, workdir: Path, flower_polling: bool
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="1 repeat, 8 rounds")
-    parser.add_argument("--rounds", type=int, default=None, help="rounds per run (default 20)")
+    parser.add_argument("--rounds", type=int, default=None, help="rounds per run (default 15)")
     parser.add_argument("--skip", type=int, default=3, help="rounds left out of the steady state (default 3)")
     parser.add_argument("--repeats", type=int, default=None, help="default 3")
     parser.add_argument("--seed", type=int, default=0)
@@ -219,7 +251,7 @@ def main() -> None:
     parser.add_argument("--child", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--out", help=argparse.SUPPRESS)
     args = parser.parse_args()
-    args.rounds = args.rounds or (8 if args.quick else 20)
+    args.rounds = args.rounds or (8 if args.quick else 15)
     if args.child:
         child(args.child, args.rounds, args.out, args.flower_polling)
         return
@@ -228,40 +260,66 @@ def main() -> None:
         parser.error(f"--rounds must exceed --skip ({args.skip})")
     Path(os.environ.setdefault("RAY_TMPDIR", "/tmp/raye")).mkdir(parents=True, exist_ok=True)
     rng = random.Random(args.seed)
-    runs: dict[int, list[dict]] = {n: [] for n in SIZES}
+    load_before = " ".join(f"{x:.1f}" for x in os.getloadavg())
+    # (label, clients, Flower's own polling)
+    setups = [("100", 100, False), ("1,000", 1000, False)]
+    if args.polling_ab:
+        setups.append(("1,000, Flower's polling", 1000, True))
+    runs: dict[str, list[dict]] = {label: [] for label, _, _ in setups}
     with tempfile.TemporaryDirectory(prefix="scale-") as tmp:
         for repeat in range(args.repeats):
-            order = list(SIZES)
+            order = list(setups)
             rng.shuffle(order)
-            for n in order:
-                result = run_child(n, args.rounds, Path(tmp))
+            for label, n, flower_polling in order:
+                result = run_child(n, args.rounds, Path(tmp), flower_polling)
                 result["steady"] = statistics.median(result["walls"][args.skip:])
-                runs[n].append(result)
-                print(f"  repeat {repeat + 1}/{args.repeats} {n:5d} clients: {result['steady']:.3f} s/round, "
+                runs[label].append(result)
+                print(f"  repeat {repeat + 1}/{args.repeats} {label} clients: {result['steady']:.3f} s/round, "
                       f"start-up {result['startup']:.1f} s, server peak RSS {result['driver_maxrss'] / 2**20:.0f} MiB, "
                       f"tree peak PSS {result['tree_pss'] / 2**20:.0f} MiB", flush=True)
 
-    def med(n: int, key: str) -> float:
-        return statistics.median(r[key] for r in runs[n])
+    def med(label: str, key: str) -> float:
+        return statistics.median(r[key] for r in runs[label])
 
-    def ratio(key: str) -> float:
-        return statistics.median(big[key] / small[key] for small, big in zip(runs[100], runs[1000]))
+    def ratio(label: str, key: str) -> str:
+        """Median (lowest-highest) of the per-repeat ratios to 100 clients."""
+        ratios = [big[key] / small[key] for small, big in zip(runs["100"], runs[label])]
+        if len(ratios) == 1:
+            return f"{ratios[0]:.2f}"
+        return f"{statistics.median(ratios):.2f} ({min(ratios):.2f}-{max(ratios):.2f})"
 
     mib = 2**20
     print()
     print(f"a9a logreg, iid, SAVIC adam global, 10 clients per round, batch 1024 (one step per client), "
           f"{args.rounds} rounds; steady state = median wall_s of rounds {args.skip + 1}-{args.rounds}; "
-          f"medians over {args.repeats} repeat(s).")
+          f"medians over {args.repeats} repeat(s); ratios are medians (lowest-highest) of per-repeat ratios to "
+          f"100 clients. Load average before / after: {load_before} / "
+          f"{' '.join(f'{x:.1f}' for x in os.getloadavg())}.")
     print()
     print("| clients | steady s/round | round 1 s | start-up s | server peak RSS MiB | tree peak RSS MiB "
           "| tree peak PSS MiB | actors peak RSS MiB | processes |")
-    print("|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
-    for n in SIZES:
-        print(f"| {n:,} | {med(n, 'steady'):.3f} | {statistics.median(r['walls'][0] for r in runs[n]):.2f} "
-              f"| {med(n, 'startup'):.1f} | {med(n, 'driver_maxrss') / mib:.0f} | {med(n, 'tree_rss') / mib:.0f} "
-              f"| {med(n, 'tree_pss') / mib:.0f} | {med(n, 'actors_rss') / mib:.0f} | {med(n, 'processes'):.0f} |")
-    print(f"| 1,000 / 100 | {ratio('steady'):.2f} | | {ratio('startup'):.2f} | {ratio('driver_maxrss'):.2f} "
-          f"| {ratio('tree_rss'):.2f} | {ratio('tree_pss'):.2f} | {ratio('actors_rss'):.2f} | |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
+    for label, _, _ in setups:
+        print(f"| {label} | {med(label, 'steady'):.3f} | {statistics.median(r['walls'][0] for r in runs[label]):.2f} "
+              f"| {med(label, 'startup'):.1f} | {med(label, 'driver_maxrss') / mib:.0f} "
+              f"| {med(label, 'tree_rss') / mib:.0f} | {med(label, 'tree_pss') / mib:.0f} "
+              f"| {med(label, 'actors_rss') / mib:.0f} | {med(label, 'processes'):.0f} |")
+    for label, _, _ in setups[1:]:
+        print(f"| {label} / 100 | {ratio(label, 'steady')} | | {ratio(label, 'startup')} "
+              f"| {ratio(label, 'driver_maxrss')} | {ratio(label, 'tree_rss')} | {ratio(label, 'tree_pss')} "
+              f"| {ratio(label, 'actors_rss')} | |")
+    print()
+    names = sorted({name for runs_ in runs.values() for r in runs_ for name in r.get("startup_parts", {})})
+    print("| start-up part, s | " + " | ".join(label for label, _, _ in setups) + " |")
+    print("|---|" + "---:|" * len(setups))
+    for name in names:
+        print(f"| {name} | " + " | ".join(
+            f"{statistics.median(r['startup_parts'].get(name, 0.0) for r in runs[label]):.1f}" for label, _, _ in setups
+        ) + " |")
+    print()
+    print("prepare_output: options, data, the partition check and the heatmap; wait_for_nodes: from the ServerApp's")
+    print("start until the simulation runtime has registered every node; describe_nodes: one query per node for its")
+    print("partition id, through Ray (the first message each actor handles also imports the client code).")
     print()
     print(f"Targets: round time and peak memory of 1,000 clients within {TARGET}x of 100 clients.")
 
