@@ -75,9 +75,21 @@ def gap_column(rows: list[dict[str, str]]) -> bool:
     return any(number(r, "final_gap_mean") is not None for r in rows)
 
 
-def method_table(rows: list[dict[str, str]], methods: list[str], reference: str, target: str) -> list[str]:
+def step_sizes(problem: str, sweep: str) -> dict[str, str]:
+    """``{method: "γ 0.3"}`` (and ``", η 0.1"`` for the server optimizers) from the sweep's run configs."""
+    spec = json.loads((RESULTS / f"{problem}-{sweep}" / "sweep.json").read_text(encoding="utf-8"))
+    sizes = {}
+    for run in spec["runs"]:
+        config, method = run["config"], run["values"]["method"]
+        server = f", η {config['server-lr']:g}" if config["strategy"] in ("fedadam", "fedyogi", "fedadagrad") else ""
+        sizes[method] = f"γ {config['lr']:g}{server}"
+    return sizes
+
+
+def method_table(rows: list[dict[str, str]], methods: list[str], reference: str, target: str,
+                 sizes: dict[str, str]) -> list[str]:
     gap = gap_column(rows)
-    head = ["method", "lr", "final test acc", f"vs {reference}", f"rounds to {target}", f"MB to {target}", "MB total"]
+    head = ["method", "step sizes", "final test acc", f"vs {reference}", f"rounds to {target}", f"MB to {target}", "MB total"]
     head += ["final f − f*"] if gap else []
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     ref = by(rows, method=reference)
@@ -85,7 +97,7 @@ def method_table(rows: list[dict[str, str]], methods: list[str], reference: str,
         row = by(rows, method=method)
         if row is None:
             continue
-        cells = [method, row["lr"], pm(row, "final_accuracy"), "-" if method == reference else verdict(row, ref),
+        cells = [method, sizes.get(method, row["lr"]), pm(row, "final_accuracy"), "-" if method == reference else verdict(row, ref),
                  rounds(row), mb(row), f"{float(row['mb_total_mean']):.2f}"]
         if gap:
             cells.append(pm(row, "final_gap", 4))
@@ -112,8 +124,9 @@ def section_methods(problem: str, out: list[str]) -> None:
         out.append(f"*{problem}: not run yet.*\n")
         return
     target = target_of(problem, "methods")
+    sizes = step_sizes(problem, "methods")
     out += [f"#### {PROBLEMS[problem]}", "", "Question 1 (scaling vs Local SGD):", ""]
-    out += method_table(rows, ["fedavg", *SCALINGS], "fedavg", target)
+    out += method_table(rows, ["fedavg", *SCALINGS], "fedavg", target, sizes)
     out += ["", "Question 2 (global vs local scaling):", ""]
     head = ["rule", "global: final acc", "local: final acc", "local vs global", f"rounds to {target} (global / local)"]
     out += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
@@ -126,7 +139,7 @@ def section_methods(problem: str, out: list[str]) -> None:
                key=lambda r: float(r["final_accuracy_mean"]))
     out += ["", f"Question 5 (baselines; against Local SGD and against the best SAVIC variant here, "
                 f"{best['method']}):", ""]
-    out += method_table(rows, ["fedavg", best["method"], *BASELINES], best["method"], target)
+    out += method_table(rows, ["fedavg", best["method"], *BASELINES], best["method"], target, sizes)
     out += ["", f"Figures: [accuracy](results/{problem}-methods/accuracy.png), "
                 f"[accuracy vs MB](results/{problem}-methods/accuracy_vs_mb.png), "
                 f"[Γ/α](results/{problem}-methods/gamma_over_alpha.png)"

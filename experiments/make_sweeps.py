@@ -41,13 +41,26 @@ PAIR = ["fedavg", "savic-adam-local"]  # Local SGD against the scaling the paper
 
 
 def tuned(problem: str) -> dict[str, str]:
-    """``{method: "[method-options.<method>]\\n..."}`` from the tuning tables' TOML blocks:
-    ``<problem>.md``, then any ``<problem>-*.md`` (wider grids for values chosen at an edge)."""
-    chosen = {}
+    """``{method: "[method-options.<method>]\\n<option> = <value>..."}``: for each method the value with
+    the best mean validation accuracy over every table for the problem: ``tuning/<problem>.md`` and
+    any ``tuning/<problem>-*.md`` (wider grids, run where the first grid's best value was at its edge)."""
+    scores: dict[str, dict[float, tuple[float, bool]]] = {}
+    options: dict[str, tuple[str, str]] = {}  # method -> (option, fixed "lr = x" line or "")
     for path in [HERE / "tuning" / f"{problem}.md", *sorted((HERE / "tuning").glob(f"{problem}-*.md"))]:
-        block = path.read_text(encoding="utf-8").split("```toml", 1)[1].split("```", 1)[0]
-        chosen.update({m.group(1): m.group(0).strip()
-                       for m in re.finditer(r"\[method-options\.([\w-]+)\]\n(?:[^\[\n].*\n?)*", block)})
+        for line in path.read_text(encoding="utf-8").splitlines():
+            cells = [cell.strip() for cell in line.strip("|").split("|")]
+            if len(cells) != 6 or cells[0] in ("method", "---") or not re.fullmatch(r"[\w-]+", cells[0]):
+                continue
+            method, option, value, mean = cells[0], cells[1], float(cells[2]), float(cells[3])
+            fixed = re.search(r"\(lr ([\d.e-]+)\)", option)
+            options[method] = (option.split()[0], f"lr = {fixed.group(1)}" if fixed else "")
+            # The table shows 3 decimals; its own "chosen" mark breaks a tie at that precision.
+            scores.setdefault(method, {})[value] = (mean, cells[5] == "yes")
+    chosen = {}
+    for method, by_value in scores.items():
+        best = max(by_value, key=lambda v: (*by_value[v], -v))  # then the smaller step
+        option, fixed = options[method]
+        chosen[method] = "\n".join(filter(None, [f"[method-options.{method}]", f"{option} = {best:g}", fixed]))
     return chosen
 
 
