@@ -155,7 +155,8 @@ def section_heterogeneity(problem: str, out: list[str]) -> None:
     head = ["split", "fedavg final acc", "adam-local final acc", "adam-local vs fedavg",
             "fedavg worst-10 % clients", "adam-local worst-10 % clients"]
     out += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    splits = [(f"Dirichlet {alpha}", rows, {"dirichlet-alpha": alpha}) for alpha in ("0.05", "0.1", "0.5", "1.0")]
+    alphas = sorted({row["dirichlet-alpha"] for row in rows}, key=float)
+    splits = [(f"Dirichlet {alpha}", rows, {"dirichlet-alpha": alpha}) for alpha in alphas]
     splits += [("iid", iid, {})] if iid else []
     for name, table, match in splits:
         f, s = by(table, method="fedavg", **match), by(table, method="savic-adam-local", **match)
