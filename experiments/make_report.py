@@ -163,6 +163,13 @@ def section_heterogeneity(problem: str, out: list[str]) -> None:
         if f and s:
             out.append(f"| {name} | {pm(f, 'final_accuracy')} | {pm(s, 'final_accuracy')} | {verdict(s, f)} | "
                        f"{pm(f, 'final_worst10')} | {pm(s, 'final_worst10')} |")
+    smaller = load(problem, "fedavg-smaller-step")
+    if smaller:
+        out += ["", "Local SGD with the runner-up step size of its grid (γ 0.3 instead of 1; "
+                    f"`experiments/sweeps/{problem}-fedavg-smaller-step.toml`):", "",
+                "| split | fedavg γ 0.3 final acc | fedavg γ 0.3 worst-10 % clients |", "|---|---|---|"]
+        for row in sorted(smaller, key=lambda r: float(r["dirichlet-alpha"])):
+            out.append(f"| Dirichlet {row['dirichlet-alpha']} | {pm(row, 'final_accuracy')} | {pm(row, 'final_worst10')} |")
     out += ["", f"Figures: [accuracy](results/{problem}-heterogeneity/accuracy.png), "
                 f"[worst-10 % clients](results/{problem}-heterogeneity/client_worst10.png), "
                 f"partitions in [results/{problem}-heterogeneity/partitions/](results/{problem}-heterogeneity/partitions/)",

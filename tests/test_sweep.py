@@ -504,6 +504,8 @@ def test_shipped_sweep_files_are_valid_and_use_the_tuned_step_sizes(path, tmp_pa
     spec.loader.exec_module(make_sweeps)
     chosen = make_sweeps.tuned(path.stem.split("-")[0])  # the tuning tables' [method-options] blocks
     for run in sweep.runs:
+        if "method" not in run.values:  # a hand-written check with its own step size in [base]
+            continue
         options = chosen[run.values["method"]].split("\n", 1)[1]
         for line in filter(None, (l.strip() for l in options.splitlines())):
             key, value = (part.strip() for part in line.split("="))
