@@ -41,10 +41,18 @@ def objective(weight: torch.Tensor, bias: torch.Tensor, features: torch.Tensor, 
 
 
 @lru_cache(maxsize=4)
+def _training_tensors(spec: DataSpec) -> tuple[torch.Tensor, torch.Tensor]:
+    """The pooled training split as float64 rows and labels, converted once per process (the gap is
+    evaluated every round)."""
+    data = load_federated_data(spec)
+    return _flat(data.train.features), torch.from_numpy(data.train.labels)
+
+
+@lru_cache(maxsize=4)
 def optimal_objective(spec: DataSpec) -> float:
     """f*: the minimum of the mean training cross-entropy of multinomial logistic regression on ``spec``."""
     data = load_federated_data(spec)
-    features, labels = _flat(data.train.features), torch.from_numpy(data.train.labels)
+    features, labels = _training_tensors(spec)
     weight = torch.zeros(data.num_classes, features.shape[1], dtype=torch.float64, requires_grad=True)
     bias = torch.zeros(data.num_classes, dtype=torch.float64, requires_grad=True)
     solver = torch.optim.LBFGS([weight, bias], lr=1.0, max_iter=MAX_ITERATIONS, tolerance_grad=GRADIENT_TOLERANCE,
@@ -63,13 +71,12 @@ def optimal_objective(spec: DataSpec) -> float:
 
 def training_objective(arrays: dict[str, np.ndarray], spec: DataSpec) -> float:
     """f(x) for the global ``logreg`` model ``arrays`` (its one Linear layer), in float64."""
-    data = load_federated_data(spec)
     weight_key = next(key for key in arrays if key.endswith("weight"))
     bias_key = next(key for key in arrays if key.endswith("bias"))
     weight = torch.from_numpy(np.asarray(arrays[weight_key], dtype=np.float64))
     bias = torch.from_numpy(np.asarray(arrays[bias_key], dtype=np.float64))
     with torch.no_grad():
-        return float(objective(weight, bias, _flat(data.train.features), torch.from_numpy(data.train.labels)))
+        return float(objective(weight, bias, *_training_tensors(spec)))
 
 
 def optimality_gap(arrays: dict[str, np.ndarray], spec: DataSpec) -> float:
