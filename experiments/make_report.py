@@ -190,6 +190,13 @@ def section_epochs(problem: str, out: list[str]) -> None:
             row = by(rows, method=method, **{"local-epochs": epochs})
             if row:
                 out.append(f"| {epochs} | {method} | {pm(row, 'final_accuracy')} | {rounds(row)} | {mb(row)} |")
+    smaller = load(problem, "fedavg-smaller-step-epochs")
+    if smaller:
+        out += ["", "Local SGD with the runner-up step size of its grid (γ 0.3 instead of 1; "
+                    f"`experiments/sweeps/{problem}-fedavg-smaller-step-epochs.toml`):", "",
+                "| local epochs | fedavg γ 0.3 final acc | rounds to target | MB to target |", "|---|---|---|---|"]
+        for row in sorted(smaller, key=lambda r: int(r["local-epochs"])):
+            out.append(f"| {row['local-epochs']} | {pm(row, 'final_accuracy')} | {rounds(row)} | {mb(row)} |")
     out += ["", f"Figures: [accuracy](results/{problem}-epochs/accuracy.png), "
                 f"[accuracy vs MB](results/{problem}-epochs/accuracy_vs_mb.png)", ""]
 
