@@ -118,6 +118,16 @@ def study_seconds() -> tuple[float, int]:
     return total, count
 
 
+def tuning_seconds() -> float:
+    """The tuning tables' own "Took N s" lines, summed."""
+    total = 0.0
+    for path in (HERE / "tuning").glob("*.md"):
+        for line in path.read_text(encoding="utf-8").splitlines():
+            if line.startswith("Took ") and line.endswith(" s on this machine."):
+                total += float(line.split()[1])
+    return total
+
+
 def section_methods(problem: str, out: list[str]) -> None:
     rows = load(problem, "methods")
     if rows is None:
@@ -203,19 +213,25 @@ def section_epochs(problem: str, out: list[str]) -> None:
 
 def main() -> None:
     seconds, runs = study_seconds()
+    tuning = tuning_seconds()
     findings = HERE / "findings.md"
     out = ["# Study: scaled Local SGD (SAVIC) against Local SGD and adaptive baselines", ""]
     out += [findings.read_text(encoding="utf-8").strip(), ""] if findings.is_file() else []
     out += [
         "## How it was run", "",
         "```bash",
-        "python experiments/tune.py digits --seeds 0 1   # step sizes on a validation split (also a9a; mnist --seeds 0)",
-        "python experiments/make_sweeps.py               # sweep files with the chosen step sizes",
+        "experiments/run_study.sh     # everything below, skipping what is done",
+        "python experiments/tune.py digits --seeds 0 --rounds 20   # step sizes on a validation split",
+        "python experiments/tune.py a9a --seeds 0 --rounds 10      # (wider grids: tuning/*-wider*.md, their own commands)",
+        "python experiments/tune.py mnist --seeds 0 --rounds 8",
+        "python experiments/make_sweeps.py                         # sweep files with the chosen step sizes",
         "for f in experiments/sweeps/*.toml; do flwr-scaling sweep $f; done",
-        "python experiments/make_report.py               # this file",
+        "python experiments/make_report.py                         # this file",
         "```", "",
-        f"{runs} runs, {seconds / 60:.0f} minutes of run time in all (sum of the runs' own times, "
-        "on the 2-core development machine, one torch thread per run, up to two sweeps at once while other jobs ran). "
+        f"{runs} runs, {seconds / 60:.0f} minutes of run time in all (sum of the runs' own times), plus "
+        f"{tuning / 60:.0f} minutes of step-size tuning, on the 2-core development machine with one torch thread "
+        "per run and up to eight sweeps at once beside other jobs (load average 5-10), so a quiet machine "
+        "running the sweeps one after another needs far less: about an hour and a half for everything. "
         "Every number is a mean ± sample standard deviation over 3 seeds (0, 1, 2), test accuracy of the "
         "server's model after the last round; step sizes are in `experiments/tuning/` and were chosen on a "
         "validation split carved from the training data, never on the test set.", "",
