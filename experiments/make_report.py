@@ -230,8 +230,8 @@ def main() -> None:
         "```", "",
         f"{runs} runs, {seconds / 60:.0f} minutes of run time in all (sum of the runs' own times), plus "
         f"{tuning / 60:.0f} minutes of step-size tuning, on the 2-core development machine with one torch thread "
-        "per run and up to eight sweeps at once beside other jobs (load average 5-10), so a quiet machine "
-        "running the sweeps one after another needs far less: about an hour and a half for everything. "
+        "per run and up to eight sweeps at once beside other jobs (load average 5-10): each run's time "
+        "includes waiting for the cores, so a quiet machine needs less. "
         "Every number is a mean ± sample standard deviation over 3 seeds (0, 1, 2), test accuracy of the "
         "server's model after the last round; step sizes are in `experiments/tuning/` and were chosen on a "
         "validation split carved from the training data, never on the test set.", "",
