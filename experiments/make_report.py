@@ -193,13 +193,15 @@ def section_epochs(problem: str, out: list[str]) -> None:
         return
     target = target_of(problem, "epochs")
     out += [f"#### {PROBLEMS[problem]}", ""]
-    head = ["local epochs", "method", "final acc", f"rounds to {target}", f"MB to {target}"]
+    gap = gap_column(rows)
+    head = ["local epochs", "method", "final acc", f"rounds to {target}", f"MB to {target}"] + (["final f − f*"] if gap else [])
     out += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for epochs in ("1", "2", "5"):
         for method in ("fedavg", "savic-adam-local"):
             row = by(rows, method=method, **{"local-epochs": epochs})
             if row:
-                out.append(f"| {epochs} | {method} | {pm(row, 'final_accuracy')} | {rounds(row)} | {mb(row)} |")
+                extra = f" {pm(row, 'final_gap', 4)} |" if gap else ""
+                out.append(f"| {epochs} | {method} | {pm(row, 'final_accuracy')} | {rounds(row)} | {mb(row)} |{extra}")
     smaller = load(problem, "fedavg-smaller-step-epochs")
     if smaller:
         out += ["", "Local SGD with the runner-up step size of its grid (γ 0.3 instead of 1; "
