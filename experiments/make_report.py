@@ -145,8 +145,11 @@ def section_methods(problem: str, out: list[str]) -> None:
         if g and l:
             out.append(f"| {global_label.split('-')[1]} | {pm(g, 'final_accuracy')} | {pm(l, 'final_accuracy')} | "
                        f"{verdict(l, g)} | {rounds(g)} / {rounds(l)} |")
-    best = max((by(rows, method=m) for m in [*SCALINGS, "savic-adam-local", "savic-oasis-local"] if by(rows, method=m)),
-               key=lambda r: float(r["final_accuracy_mean"]))
+    candidates = [by(rows, method=m) for m in [*SCALINGS, "savic-adam-local", "savic-oasis-local"] if by(rows, method=m)]
+    if not candidates:
+        out += ["", "*No SAVIC run finished yet.*", ""]
+        return
+    best = max(candidates, key=lambda r: float(r["final_accuracy_mean"]))
     out += ["", f"Question 5 (baselines; against Local SGD and against the best SAVIC variant here, "
                 f"{best['method']}):", ""]
     out += method_table(rows, ["fedavg", best["method"], *BASELINES], best["method"], target, sizes)
