@@ -12,7 +12,7 @@ Variants (each runs over the same list of K batches, then the time is divided by
 
 * ``sgd``: ``torch.optim.SGD`` (lr only), the Local SGD / FedAvg client;
 * ``torch-adam``: ``torch.optim.Adam`` created fresh for the round (Local Adam);
-* ``<rule>-<mode>``: ``flwr_scaling.training.train_scaled`` with rule adam,
+* ``<rule>-<mode>``: ``flwr_scaling.core.local_sgd.train_scaled`` with rule adam,
   rmsprop or adagrad in global and local mode (state = a positive v from the
   "server", as in every round after the warm-up);
 * ``oasis-global``: ``train_scaled`` with oasis, 1 Hutchinson probe per step
@@ -71,8 +71,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from flwr_scaling.models import build_model
-from flwr_scaling.training import TrainSettings, train_scaled, trainable_parameters
+from flwr_scaling.core.models import build_model
+from flwr_scaling.core.local_sgd import TrainSettings, train_scaled, trainable_parameters
 
 PROBLEMS = {
     "digits-cnn": ("cnn", (1, 8, 8), 10),

@@ -20,7 +20,7 @@ With several seeds a last table gives the means over seeds.
 Target (issue 6): bfloat16 with K = 1 within 0.5 accuracy points of float32,
 total bytes <= 1.5x fedavg.
 
-The runs go through ``flwr_scaling.inprocess`` by default: the real ServerApp
+The runs go through ``flwr_scaling.run.inprocess`` by default: the real ServerApp
 and ClientApp, every message through Flower's serialisation, without Ray
 (``tests/test_inprocess.py`` checks it gives the simulation's accuracies and
 bytes). ``--backend simulation`` uses Flower's simulation engine instead.
@@ -50,8 +50,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from flwr_scaling.config import RunConfig  # noqa: E402
-from flwr_scaling.recorder import read_metrics  # noqa: E402
+from flwr_scaling.run.config import RunConfig  # noqa: E402
+from flwr_scaling.run.recorder import read_metrics  # noqa: E402
 
 DTYPES = ("float32", "bfloat16", "float16")
 EVERY = (1, 2, 5)
@@ -89,10 +89,10 @@ class Outcome:
 
 def runner(backend: str):
     if backend == "inprocess":
-        from flwr_scaling.inprocess import run_inprocess
+        from flwr_scaling.run.inprocess import run_inprocess
 
         return run_inprocess
-    from flwr_scaling.simulation import simulate
+    from flwr_scaling.run.simulation import simulate
 
     return simulate
 
@@ -178,7 +178,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--problems", default="digits,a9a", help="comma-separated: digits, a9a")
     parser.add_argument("--seeds", default="0", help="comma-separated seeds (default: 0)")
     parser.add_argument("--backend", choices=("inprocess", "simulation"), default="inprocess",
-                        help="the in-process grid (flwr_scaling.inprocess: the real ServerApp and ClientApp, "
+                        help="the in-process grid (flwr_scaling.run.inprocess: the real ServerApp and ClientApp, "
                              "messages through Flower's serialisation, no Ray; the default) or Flower's "
                              "simulation engine (same accuracies and bytes, ~10 s of Ray start-up a run)")
     parser.add_argument("--a9a-dir", default=DEFAULT_A9A, help=f"folder with a9a and a9a.t (default: {DEFAULT_A9A})")

@@ -15,7 +15,7 @@ Three methods: ``fedavg``, ``savic-adam-global`` and ``savic-adam-local``
 
 For each run:
 
-* ``simulation``: ``flwr_scaling.simulation.simulate`` (Ray, one actor per
+* ``simulation``: ``flwr_scaling.run.simulation.simulate`` (Ray, one actor per
   core, one thread each). Per round: ``wall_s`` of ``metrics.csv`` (from the
   end of one round's server evaluation to the end of the next: sampling,
   messages, client work, aggregation, evaluation, metrics.csv and checkpoint).
@@ -23,7 +23,7 @@ For each run:
   data, partitions, the heatmap, Ray, the actors, the node-info query that
   makes every actor import torch and load the data). ``shutdown``: from the
   last round to ``simulate`` returning.
-* ``serial``: ``flwr_scaling.serial.run_serial`` on the same configuration:
+* ``serial``: ``flwr_scaling.run.serial.run_serial`` on the same configuration:
   the identical client code (``clients.logic.local_round``), server updates,
   data and seeds, one client after another in this process, no Flower: the
   physical limit of a round on this machine. Its ``wall_s`` covers sampling,
@@ -45,7 +45,7 @@ server's evaluation use.
 
 Bytes: the ``bytes_down`` / ``bytes_up`` columns of the simulation's
 ``metrics.csv`` (round 1 and a later round), and a check of what they count:
-one round of each method through ``flwr_scaling.inprocess.InProcessGrid``
+one round of each method through ``flwr_scaling.run.inprocess.InProcessGrid``
 (the real ServerApp and ClientApp, messages through Flower's protobuf),
 recording every message's array payload (``len(Array.data)``, the column's
 definition), the size of ``flwr.common.serde.message_to_proto(msg)`` and the
@@ -77,10 +77,10 @@ from pathlib import Path
 
 import torch
 
-from flwr_scaling import recorder as recorder_module
-from flwr_scaling.config import RunConfig
-from flwr_scaling.serial import run_serial
-from flwr_scaling.simulation import simulate
+from flwr_scaling.run import recorder as recorder_module
+from flwr_scaling.run.config import RunConfig
+from flwr_scaling.run.serial import run_serial
+from flwr_scaling.run.simulation import simulate
 
 A9A = "/work/shared/data/a9a"
 PROBLEMS = {
@@ -168,7 +168,7 @@ def flowers_own_polling():
     def untouched():
         yield False
 
-    from flwr_scaling import simulation
+    from flwr_scaling.run import simulation
 
     prompt = simulation._prompt_delivery
     simulation._prompt_delivery = untouched
@@ -226,7 +226,7 @@ def run_simulation(cfg: RunConfig, quiet: bool, flower_polling: bool = False) ->
 
 
 def run_plain(cfg: RunConfig) -> dict:
-    from flwr_scaling import serial
+    from flwr_scaling.run import serial
 
     probe = Probe()
     probe.wrap(serial, "local_round", "clients (local_round)")
@@ -385,8 +385,8 @@ def wire_check(problems: list[str], workdir: Path) -> None:
     from flwr.common.serde import message_to_proto
     from flwr.supercore.inflatable.inflatable_object import get_all_nested_objects
 
-    from flwr_scaling import inprocess
-    from flwr_scaling.arrays import content_bytes
+    from flwr_scaling.run import inprocess
+    from flwr_scaling.core.arrays import content_bytes
 
     def sizes(message: Message) -> tuple[int, int, int]:
         arrays = content_bytes(message.content) if message.has_content() else 0

@@ -12,7 +12,7 @@ both federations do the same work per round and the comparison shows what
 the number of clients costs, not how much data each holds.
 
 Each run is a fresh child process (``--child``) calling
-``flwr_scaling.simulation.simulate``; it reports
+``flwr_scaling.run.simulation.simulate``; it reports
 
 * ``wall_s`` per round from ``metrics.csv``: steady state = median over rounds
   ``--skip + 1`` to the last;
@@ -72,7 +72,7 @@ PAGE = os.sysconf("SC_PAGE_SIZE")
 
 
 def config(num_clients: int, rounds: int, out: str):
-    from flwr_scaling.config import RunConfig
+    from flwr_scaling.run.config import RunConfig
 
     return RunConfig(
         strategy="savic", precond="adam", precond_mode="global",
@@ -89,8 +89,8 @@ def child(num_clients: int, rounds: int, out: str, flower_polling: bool = False)
     import io
     import resource
 
-    from flwr_scaling import recorder, simulation
-    from flwr_scaling.simulation import simulate
+    from flwr_scaling.run import recorder, simulation
+    from flwr_scaling.run.simulation import simulate
 
     if flower_polling:  # Flower's runtime as installed: every node asked every 0.1 s
 

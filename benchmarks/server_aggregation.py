@@ -65,9 +65,9 @@ from flwr.serverapp.strategy import FedAvg
 from flwr.serverapp.strategy.strategy_utils import aggregate_arrayrecords
 from flwr.supercore.task_identity import TaskIdentity
 
-from flwr_scaling.aggregation import state_from_average
-from flwr_scaling.arrays import checked_weighted_average, numpy_to_record, record_to_numpy, record_views
-from flwr_scaling.rules import get_rule
+from flwr_scaling.core.server_update import state_from_average
+from flwr_scaling.core.arrays import checked_weighted_average, numpy_to_record, record_to_numpy, record_views
+from flwr_scaling.core.rules import get_rule
 from flwr_scaling.strategies import Savic
 
 FRACTIONS = (0.4, 0.3, 0.2, 0.1)

@@ -28,8 +28,8 @@ from pathlib import Path
 import torch
 
 from flwr_scaling.cli import parse_label
-from flwr_scaling.config import RunConfig
-from flwr_scaling.serial import run_serial
+from flwr_scaling.run.config import RunConfig
+from flwr_scaling.run.serial import run_serial
 
 HERE = Path(__file__).resolve().parent
 DATA = HERE.parent.parent / "shared" / "data"  # ../shared/data from the project root (see README, Study)

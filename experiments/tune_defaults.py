@@ -15,8 +15,8 @@ from __future__ import annotations
 import argparse
 import statistics
 
-from flwr_scaling.config import RunConfig
-from flwr_scaling.serial import run_serial
+from flwr_scaling.run.config import RunConfig
+from flwr_scaling.run.serial import run_serial
 
 GRID = {
     ("fedavg", "identity", "global"): [0.1, 0.2, 0.4, 0.8],

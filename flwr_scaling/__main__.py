@@ -1,3 +1,3 @@
-from .cli import main
+from flwr_scaling.cli import main
 
 main()

@@ -9,9 +9,9 @@ import time
 from dataclasses import fields, replace
 from pathlib import Path
 
-from .config import STRATEGIES, ConfigError, RunConfig, check_output_folder, load_toml
-from .rules import RULES
-from .training import MODES
+from flwr_scaling.run.config import STRATEGIES, ConfigError, RunConfig, check_output_folder, load_toml
+from flwr_scaling.core.rules import RULES
+from flwr_scaling.core.local_sgd import MODES
 
 DEFAULT_COMPARE = ("fedavg", "savic-adam-global", "savic-adam-local", "savic-oasis-global")
 COMPARE_FIXED = {"strategy", "precond", "precond_mode", "lr", "out"}  # set per configuration
@@ -113,7 +113,7 @@ def parse_label(label: str) -> dict[str, str]:
 
 
 def _add_backend(parser: argparse.ArgumentParser, default: str | None = "simulation") -> None:
-    from .inprocess import BACKENDS
+    from flwr_scaling.run.inprocess import BACKENDS
 
     where = "Default: simulation" if default else "Default: the file's backend, else simulation"
     parser.add_argument("--backend", choices=BACKENDS, default=default,
@@ -171,7 +171,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _resumed_config(args: argparse.Namespace):
     """The checkpoint's configuration; any option given that differs from it is refused."""
-    from .checkpoint import load_checkpoint
+    from flwr_scaling.run.checkpoint import load_checkpoint
 
     checkpoint = load_checkpoint(args.resume)
     saved = RunConfig.from_mapping(checkpoint.config)
@@ -190,8 +190,8 @@ def _resumed_config(args: argparse.Namespace):
 
 
 def _run(args: argparse.Namespace) -> None:
-    from .inprocess import runner_for
-    from .simulation import preflight
+    from flwr_scaling.run.inprocess import runner_for
+    from flwr_scaling.run.simulation import preflight
 
     checkpoint = None
     if args.resume:
@@ -211,9 +211,9 @@ def _run(args: argparse.Namespace) -> None:
 
 
 def _compare(args: argparse.Namespace) -> None:
-    from .inprocess import runner_for
-    from .report import write_compare_report
-    from .simulation import preflight
+    from flwr_scaling.run.inprocess import runner_for
+    from flwr_scaling.studies.report import write_compare_report
+    from flwr_scaling.run.simulation import preflight
 
     try:
         target = float(args.target_accuracy)
@@ -247,7 +247,7 @@ def _compare(args: argparse.Namespace) -> None:
 
 
 def _sweep(args: argparse.Namespace) -> None:
-    from .sweep import load_sweep, run_sweep
+    from flwr_scaling.studies.sweep import load_sweep, run_sweep
 
     if args.dry_run:
         plan = load_sweep(args.file, args.out)
@@ -259,7 +259,7 @@ def _sweep(args: argparse.Namespace) -> None:
 
 
 def _report(args: argparse.Namespace) -> None:
-    from .sweep import write_sweep_report
+    from flwr_scaling.studies.sweep import write_sweep_report
 
     if not Path(args.dir).is_dir():
         raise ConfigError(f"{args.dir} is not a folder")
@@ -268,7 +268,7 @@ def _report(args: argparse.Namespace) -> None:
 
 
 def _deploy_local(args: argparse.Namespace) -> None:
-    from .deploy import deploy_local
+    from flwr_scaling.deploy.local import deploy_local
 
     try:
         nodes = int(args.nodes)
@@ -284,7 +284,7 @@ def _deploy_local(args: argparse.Namespace) -> None:
 
 
 def _make_certs(args: argparse.Namespace) -> None:
-    from .deploy import make_certificates
+    from flwr_scaling.deploy.local import make_certificates
 
     made = make_certificates(Path(args.out), args.host)
     print(f"wrote {made.ca_cert} (copy to every SuperNode), {made.server_cert} and {made.server_key} "
@@ -292,7 +292,7 @@ def _make_certs(args: argparse.Namespace) -> None:
 
 
 def _make_node_key(args: argparse.Namespace) -> None:
-    from .deploy import make_node_key
+    from flwr_scaling.deploy.local import make_node_key
 
     private, public = make_node_key(Path(args.out), args.name)
     print(f"wrote {private} (stays on the device) and {public} (register it on the SuperLink)")

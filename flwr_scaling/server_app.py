@@ -12,16 +12,16 @@ import time
 from flwr.app import ConfigRecord, Context, Message, MessageType, MetricRecord, RecordDict
 from flwr.serverapp import Grid, ServerApp
 
-from .checkpoint import Checkpoint, save_checkpoint
-from .arrays import numpy_to_record, numpy_to_torch, record_to_numpy, torch_to_numpy
-from .config import SERVER_OPTIMIZERS, ConfigError, RunConfig
-from .data import load_federated_data
-from .objective import optimality_gap
-from .recorder import RunRecorder
-from .seeding import derived_seed, initial_model
-from .strategies import Savic
-from .strategies.baselines import ServerOptimizer
-from .training import evaluate
+from flwr_scaling.run.checkpoint import Checkpoint, save_checkpoint
+from flwr_scaling.core.arrays import numpy_to_record, numpy_to_torch, record_to_numpy, torch_to_numpy
+from flwr_scaling.run.config import SERVER_OPTIMIZERS, ConfigError, RunConfig
+from flwr_scaling.data.federated import load_federated_data
+from flwr_scaling.core.objective import optimality_gap
+from flwr_scaling.run.recorder import RunRecorder
+from flwr_scaling.core.seeding import derived_seed, initial_model
+from flwr_scaling.strategies import Savic
+from flwr_scaling.strategies.fedopt import ServerOptimizer
+from flwr_scaling.core.local_sgd import evaluate
 
 
 NODE_INFO_MESSAGE_TYPE = f"{MessageType.QUERY}.node_info"

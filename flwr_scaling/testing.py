@@ -13,7 +13,7 @@ import numpy as np
 from flwr.app import Array, ArrayRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
-from .clients import client_app as clients_app
+from flwr_scaling.clients import client_app as clients_app
 
 FAULTS = (
     "raise",  # the client raises: Flower turns it into an error reply

@@ -27,13 +27,13 @@ from flwr.serverapp.strategy import FedAdagrad, FedAdam, FedYogi
 from flwr.supercore.task_identity import TaskIdentity
 from torch import nn
 
-from flwr_scaling.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
-from flwr_scaling.config import BASELINE_LR, STRATEGIES, RunConfig
+from flwr_scaling.run.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
+from flwr_scaling.run.config import BASELINE_LR, STRATEGIES, RunConfig
 from flwr_scaling.server_app import make_strategy
-from flwr_scaling.settings import train_settings
+from flwr_scaling.clients.settings import train_settings
 from flwr_scaling.strategies import Savic
-from flwr_scaling.strategies.baselines import FlowerServerStep, ServerOptimizer
-from flwr_scaling.training import TrainSettings, train_local_adam, train_scaled
+from flwr_scaling.strategies.fedopt import FlowerServerStep, ServerOptimizer
+from flwr_scaling.core.local_sgd import TrainSettings, train_local_adam, train_scaled
 
 try:
     from .fakes import FakeGrid, as_numpy, record, train_reply
@@ -283,7 +283,7 @@ def test_train_settings_per_strategy():
 
 # ----------------------------------------------------------------- end to end
 def test_every_baseline_runs_a_round_serially():
-    from flwr_scaling.serial import run_serial
+    from flwr_scaling.run.serial import run_serial
 
     finals = {}
     for strategy in ("fedavg", "fedadam", "fedyogi", "fedadagrad", "fedprox", "local-adam"):

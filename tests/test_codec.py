@@ -14,7 +14,7 @@ import pytest
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 from flwr.supercore.task_identity import TaskIdentity
 
-from flwr_scaling.codec import (
+from flwr_scaling.protocol.wire import (
     DTYPES,
     MAX_EXPONENT,
     SCALE_SUFFIX,
@@ -201,7 +201,7 @@ def test_malformed_raw_arrays_are_refused(array, message):
 
 @pytest.mark.usefixtures("task_identity")
 def test_raw_arrays_survive_flowers_message_serialisation():
-    # What the SuperLink transport does to a message (protobuf), as flwr_scaling.inprocess does.
+    # What the SuperLink transport does to a message (protobuf), as flwr_scaling.run.inprocess does.
     from flwr.common.serde import message_from_proto, message_to_proto
 
     content = RecordDict({"config": ConfigRecord({"lr": 0.1})})

@@ -14,8 +14,8 @@ from pathlib import Path
 
 import pytest
 
-from flwr_scaling import config as config_module
-from flwr_scaling.config import (
+from flwr_scaling.run import config as config_module
+from flwr_scaling.run.config import (
     DATASET_SIZES,
     DEFAULT_LR,
     ConfigError,
@@ -250,7 +250,7 @@ def test_dataset_sizes_match_scikit_learn():
     from sklearn import datasets
     from sklearn.model_selection import train_test_split
 
-    from flwr_scaling.data import TEST_FRACTION
+    from flwr_scaling.data.federated import TEST_FRACTION
 
     for name, size in DATASET_SIZES.items():
         labels = getattr(datasets, f"load_{name}")().target

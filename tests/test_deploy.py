@@ -15,9 +15,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from flwr_scaling.config import RunConfig
-from flwr_scaling.data import DataSpec, load_federated_data
-from flwr_scaling.deploy import LocalFederation, make_node_key
+from flwr_scaling.run.config import RunConfig
+from flwr_scaling.data.federated import DataSpec, load_federated_data
+from flwr_scaling.deploy.local import LocalFederation, make_node_key
 
 pytestmark = pytest.mark.slow
 

@@ -15,13 +15,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from flwr_scaling.arrays import torch_to_numpy
-from flwr_scaling.checkpoint import load_checkpoint
-from flwr_scaling.data import load_federated_data
-from flwr_scaling.seeding import initial_model
-from flwr_scaling.config import RunConfig
-from flwr_scaling.serial import run_serial
-from flwr_scaling.simulation import simulate
+from flwr_scaling.core.arrays import torch_to_numpy
+from flwr_scaling.run.checkpoint import load_checkpoint
+from flwr_scaling.data.federated import load_federated_data
+from flwr_scaling.core.seeding import initial_model
+from flwr_scaling.run.config import RunConfig
+from flwr_scaling.run.serial import run_serial
+from flwr_scaling.run.simulation import simulate
 from flwr_scaling.testing import FAULTS, faulty_client_app
 
 FAULTY = {partition: fault for partition, fault in enumerate(FAULTS, start=1)}  # partitions 1..9

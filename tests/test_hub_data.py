@@ -11,10 +11,10 @@ import warnings
 import numpy as np
 import pytest
 
-from flwr_scaling import data as data_module
-from flwr_scaling import sources
-from flwr_scaling.data import DataSpec, PartitionSpec, load_federated_data, load_partition
-from flwr_scaling.sources import DataError, check_spec, load_hub, load_source
+from flwr_scaling.data import federated as data_module
+from flwr_scaling.data import sources
+from flwr_scaling.data.federated import DataSpec, PartitionSpec, load_federated_data, load_partition
+from flwr_scaling.data.sources import DataError, check_spec, load_hub, load_source
 
 HEIGHT, WIDTH = 6, 5
 

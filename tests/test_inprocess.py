@@ -15,13 +15,13 @@ import pytest
 from flwr.app import Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
-from flwr_scaling.checkpoint import load_checkpoint
+from flwr_scaling.run.checkpoint import load_checkpoint
 from flwr_scaling.cli import main
-from flwr_scaling.config import ConfigError, RunConfig
-from flwr_scaling.inprocess import InProcessGrid, run_inprocess
-from flwr_scaling.recorder import read_metrics
-from flwr_scaling.serial import run_serial
-from flwr_scaling.sweep import load_sweep, run_sweep
+from flwr_scaling.run.config import ConfigError, RunConfig
+from flwr_scaling.run.inprocess import InProcessGrid, run_inprocess
+from flwr_scaling.run.recorder import read_metrics
+from flwr_scaling.run.serial import run_serial
+from flwr_scaling.studies.sweep import load_sweep, run_sweep
 from flwr_scaling.testing import faulty_client_app
 
 SMALL = dict(rounds=3, num_clients=4, warmup_batches=1)
@@ -29,7 +29,7 @@ SMALL = dict(rounds=3, num_clients=4, warmup_batches=1)
 
 def test_inprocess_matches_the_simulation_engine(tmp_path):
     """Same configuration on both backends: same accuracies, losses, bytes and D̂ bounds every round."""
-    from flwr_scaling.simulation import simulate
+    from flwr_scaling.run.simulation import simulate
 
     os.environ.setdefault("RAY_TMPDIR", "/tmp/ray_ip")
     common = dict(SMALL, client_eval_every=2, precond_mode="local")
@@ -80,7 +80,7 @@ def _ask(grid: InProcessGrid, kind: str, nodes) -> list[Message]:
 
 
 def test_each_node_keeps_its_context_and_a_raising_client_is_an_error_reply():
-    from flwr_scaling.inprocess import _server_identity
+    from flwr_scaling.run.inprocess import _server_identity
 
     grid = InProcessGrid(client_app=_counting_app(), num_nodes=3)
     nodes = sorted(grid.get_node_ids())

@@ -8,8 +8,8 @@ import warnings
 import numpy as np
 import pytest
 
-from flwr_scaling import data as data_module
-from flwr_scaling.data import DataSpec, PartitionSpec, load_federated_data, load_partition, partition_indices
+from flwr_scaling.data import federated as data_module
+from flwr_scaling.data.federated import DataSpec, PartitionSpec, load_federated_data, load_partition, partition_indices
 
 DIGITS = DataSpec()
 
@@ -78,8 +78,8 @@ def test_indices_are_read_only_and_dropped_with_the_partitioner():
 
 def test_preflight_cuts_one_partition_of_many(calls):
     """The pre-Ray check of a 100-client run asks flwr-datasets for partition 0 only."""
-    from flwr_scaling.config import RunConfig
-    from flwr_scaling.simulation import preflight
+    from flwr_scaling.run.config import RunConfig
+    from flwr_scaling.run.simulation import preflight
 
     preflight(RunConfig(num_clients=100, partitioner="iid").resolved())
     assert calls == [0]

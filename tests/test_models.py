@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from flwr_scaling.models import MODELS, build_model
+from flwr_scaling.core.models import MODELS, build_model
 
 
 @pytest.mark.parametrize(

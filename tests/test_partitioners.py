@@ -7,9 +7,9 @@ import warnings
 import numpy as np
 import pytest
 
-from flwr_scaling import data as data_module
-from flwr_scaling.data import DataSpec, PartitionSpec, load_federated_data, load_partition
-from flwr_scaling.partition_plot import plot_partitions
+from flwr_scaling.data import federated as data_module
+from flwr_scaling.data.federated import DataSpec, PartitionSpec, load_federated_data, load_partition
+from flwr_scaling.data.partition_plot import plot_partitions
 
 DIGITS = DataSpec()
 TRAIN = len(load_federated_data(DIGITS).train)  # 1437

@@ -15,12 +15,12 @@ import pytest
 from flwr.app import ConfigRecord, Context, Message, MessageType, RecordDict
 from flwr.supercore.task_identity import TaskIdentity
 
-from flwr_scaling.arrays import numpy_to_record, torch_to_numpy
+from flwr_scaling.core.arrays import numpy_to_record, torch_to_numpy
 from flwr_scaling.clients import client_app
-from flwr_scaling.codec import VERSION_KEY, put_encoded, wire_view
-from flwr_scaling.config import RunConfig
-from flwr_scaling.data import load_federated_data
-from flwr_scaling.seeding import initial_model
+from flwr_scaling.protocol.wire import VERSION_KEY, put_encoded, wire_view
+from flwr_scaling.run.config import RunConfig
+from flwr_scaling.data.federated import load_federated_data
+from flwr_scaling.core.seeding import initial_model
 from flwr_scaling.strategies import WARMUP_MESSAGE_TYPE, Savic
 
 try:  # tests/ as a package or as a rootdir-inserted folder
@@ -335,8 +335,8 @@ def test_warmup_query_is_not_affected_by_the_cache():
 def test_server_and_clients_in_process_match_the_serial_reference(tmp_path, dtype, every, mode):
     """The real ServerApp logic and ClientApp (one Context per node, as on a SuperNode), 2 of 4 clients
     per round: the same model and the same D̂ bounds every round as the serial reference."""
-    from flwr_scaling.recorder import read_metrics
-    from flwr_scaling.serial import run_serial
+    from flwr_scaling.run.recorder import read_metrics
+    from flwr_scaling.run.serial import run_serial
     from flwr_scaling.server_app import run_server
 
     cfg = RunConfig(dataset="wine", model="logreg", num_clients=4, clients_per_round=2, rounds=5, precond="rmsprop",
@@ -352,7 +352,7 @@ def test_server_and_clients_in_process_match_the_serial_reference(tmp_path, dtyp
     for ours, theirs in zip(flower, rows, strict=True):
         assert ours["precond_max"] == pytest.approx(theirs.precond_max, rel=1e-6)
         assert ours["test_accuracy"] == pytest.approx(theirs.test_accuracy)
-    from flwr_scaling.checkpoint import load_checkpoint
+    from flwr_scaling.run.checkpoint import load_checkpoint
 
     model = load_checkpoint(tmp_path / "run").model
     for key, value in reference.items():
@@ -380,9 +380,9 @@ class _StopAtRound:
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 def test_a_run_resumed_between_refreshes_ends_as_the_uninterrupted_run(tmp_path, dtype):
     """precond-every 3: stopped after round 2 and resumed, round 3 must still use round 1's state."""
-    from flwr_scaling.checkpoint import load_checkpoint
-    from flwr_scaling.config import RunConfig
-    from flwr_scaling.inprocess import run_inprocess
+    from flwr_scaling.run.checkpoint import load_checkpoint
+    from flwr_scaling.run.config import RunConfig
+    from flwr_scaling.run.inprocess import run_inprocess
 
     common = dict(rounds=4, num_clients=3, warmup_batches=1, precond_every=3, precond_dtype=dtype)
     whole = run_inprocess(RunConfig(out=str(tmp_path / "whole"), **common))

@@ -8,7 +8,7 @@ import threading
 import time
 from types import SimpleNamespace
 
-from flwr_scaling import simulation
+from flwr_scaling.run import simulation
 
 
 class FakeState:

@@ -22,7 +22,7 @@ try:
 except ImportError:  # tests run as top-level modules
     from processes import kill_marked
 
-from flwr_scaling.checkpoint import load_checkpoint
+from flwr_scaling.run.checkpoint import load_checkpoint
 
 BIN = Path(sys.executable).parent
 SMALL = ["--num-clients", "4", "--clients-per-round", "2", "--precond", "rmsprop"]

@@ -1,4 +1,4 @@
-"""Unit tests for ``flwr_scaling.rules``: every rule against hand-computed numbers.
+"""Unit tests for ``flwr_scaling.core.rules``: every rule against hand-computed numbers.
 
 All expected values below are written out by hand (see the comments for the
 arithmetic); they are chosen to be exact in float32 wherever an exact
@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 
-from flwr_scaling.rules import (
+from flwr_scaling.core.rules import (
     RULES,
     STAT_GRAD_SQUARED,
     STAT_HUTCHINSON,

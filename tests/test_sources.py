@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from flwr_scaling.sources import DataError, check_spec, load_source, read_idx, read_libsvm
+from flwr_scaling.data.sources import DataError, check_spec, load_source, read_idx, read_libsvm
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
 needs_shared = pytest.mark.skipif(not (SHARED / "a9a" / "a9a").exists(), reason="../shared/data is not here")

@@ -1,4 +1,4 @@
-"""Sweeps (flwr_scaling.sweep): validation, the product and its folders, skipping and resuming, the report.
+"""Sweeps (flwr_scaling.studies.sweep): validation, the product and its folders, skipping and resuming, the report.
 
 In-process and fast: a fake runner writes a deterministic metrics.csv from the
 configuration instead of running Ray. One test runs a sweep in a subprocess and
@@ -21,11 +21,11 @@ from pathlib import Path
 
 import pytest
 
-from flwr_scaling.checkpoint import Checkpoint, save_checkpoint
+from flwr_scaling.run.checkpoint import Checkpoint, save_checkpoint
 from flwr_scaling.cli import parse_label
-from flwr_scaling.config import ConfigError
-from flwr_scaling.recorder import COLUMNS
-from flwr_scaling.sweep import DONE, load_sweep, run_name, run_sweep, write_sweep_report
+from flwr_scaling.run.config import ConfigError
+from flwr_scaling.run.recorder import COLUMNS
+from flwr_scaling.studies.sweep import DONE, load_sweep, run_name, run_sweep, write_sweep_report
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -100,7 +100,7 @@ class FakeRunner:
 @pytest.fixture
 def fast_plots(monkeypatch):
     """The run and skip tests need the tables, not the pictures (matplotlib takes most of a report's time)."""
-    monkeypatch.setattr("flwr_scaling.sweep.plot_seed_groups", lambda groups, path, **kwargs: path.write_bytes(b"png"))
+    monkeypatch.setattr("flwr_scaling.studies.sweep.plot_seed_groups", lambda groups, path, **kwargs: path.write_bytes(b"png"))
 
 
 def sweep_file(tmp_path: Path, text: str = SWEEP, name: str = "study.toml") -> Path:

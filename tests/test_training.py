@@ -1,4 +1,4 @@
-"""Unit tests for ``flwr_scaling.training`` against manual re-computations.
+"""Unit tests for ``flwr_scaling.core.local_sgd`` against manual re-computations.
 
 The models are tiny ``nn.Linear`` layers with hand-set weights, the loaders are
 plain lists of ``(x, y)`` batches. Gradients for the expected values are
@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from flwr_scaling.training import (
+from flwr_scaling.core.local_sgd import (
     TrainSettings,
     compute_statistic,
     evaluate,
@@ -726,7 +726,7 @@ def test_warmup_reads_no_more_batches_than_it_uses():
 
 def _cnn_problem(rule: str, seed: int = 0):
     """The digits CNN in float32, 6 random batches and a state like a warm-up's (signed for oasis)."""
-    from flwr_scaling.models import build_model
+    from flwr_scaling.core.models import build_model
 
     torch.manual_seed(seed)
     model = build_model("cnn", (1, 8, 8), 10)
@@ -804,7 +804,7 @@ def test_rule_without_in_place_variants_takes_reference_loop(monkeypatch):
     # a rule registered with only its pure functions still trains, as the reference loop does
     import dataclasses
 
-    from flwr_scaling.rules import RULES
+    from flwr_scaling.core.rules import RULES
 
     monkeypatch.setitem(RULES, "rmsprop", dataclasses.replace(RULES["rmsprop"], update_in_place_fn=None))
     assert not RULES["rmsprop"].has_in_place

@@ -1,8 +1,8 @@
 """Client side: the ClientApp and the plain training functions it runs."""
 
-from ..training import TrainResult, TrainSettings, compute_statistic, evaluate, train_scaled
-from .client_app import app
-from .logic import LocalRound, local_round, local_statistic
+from flwr_scaling.core.local_sgd import TrainResult, TrainSettings, compute_statistic, evaluate, train_scaled
+from flwr_scaling.clients.client_app import app
+from flwr_scaling.clients.logic import LocalRound, local_round, local_statistic
 
 __all__ = [
     "app",

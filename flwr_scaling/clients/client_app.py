@@ -6,7 +6,7 @@ the preconditioner state (``precond``). Replies carry the model, the statistic
 or state (``stats``) and a MetricRecord with ``num-examples`` and ``train_loss``.
 
 The state and the statistic travel encoded as the config's ``precond-dtype``
-says (``flwr_scaling.codec``). With ``precond-every K`` the server sends the
+says (``flwr_scaling.protocol.wire``). With ``precond-every K`` the server sends the
 state only when it changes for this node: the config's ``precond-version``
 names the round whose state to train with, and the node keeps the last state
 it received in ``context.state``, the one place that persists between
@@ -18,12 +18,12 @@ from __future__ import annotations
 from flwr.app import ConfigRecord, Context, Error, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
-from ..arrays import numpy_to_record, record_to_numpy
-from ..codec import SCALE_SUFFIX, VERSION_KEY, put_encoded, take_encoded
-from ..config import ConfigError, RunConfig
-from ..training import evaluate as evaluate_model
-from . import node_data
-from .logic import _loaded_model, local_round, local_statistic
+from flwr_scaling.core.arrays import numpy_to_record, record_to_numpy
+from flwr_scaling.protocol.wire import SCALE_SUFFIX, VERSION_KEY, put_encoded, take_encoded
+from flwr_scaling.run.config import ConfigError, RunConfig
+from flwr_scaling.core.local_sgd import evaluate as evaluate_model
+from flwr_scaling.clients import node_data
+from flwr_scaling.clients.logic import _loaded_model, local_round, local_statistic
 
 app = ClientApp()
 

@@ -9,13 +9,13 @@ from functools import lru_cache
 import numpy as np
 import torch
 
-from ..arrays import numpy_to_torch, torch_to_numpy
-from ..config import RunConfig
-from ..data import Split, load_federated_data, load_partition, make_loader
-from ..models import build_model
-from ..seeding import client_streams, derived_seed
-from ..settings import train_settings
-from ..training import compute_statistic, train_local_adam, train_scaled
+from flwr_scaling.core.arrays import numpy_to_torch, torch_to_numpy
+from flwr_scaling.run.config import RunConfig
+from flwr_scaling.data.federated import Split, load_federated_data, load_partition, make_loader
+from flwr_scaling.core.models import build_model
+from flwr_scaling.core.seeding import client_streams, derived_seed
+from flwr_scaling.clients.settings import train_settings
+from flwr_scaling.core.local_sgd import compute_statistic, train_local_adam, train_scaled
 
 NumpyArrays = dict[str, np.ndarray]
 

@@ -5,7 +5,7 @@ A SuperNode (or a simulated node) is started with either
 - ``partition-id=I num-partitions=N``: the demo split, partition ``I`` of the
   run's dataset divided among ``N`` clients (``N`` must equal ``num-clients``);
 - ``data-path="SPEC"``: the device's own data, any dataset spec that
-  :mod:`flwr_scaling.sources` understands (``libsvm:/data/local.svm``,
+  :mod:`flwr_scaling.data.sources` understands (``libsvm:/data/local.svm``,
   ``csv:/data/local.csv``, ``parquet:...``, ``idx:DIR``), optionally with
   ``eval-path="SPEC"`` for a held-out part used by the ``evaluate`` handler,
   ``partition-id=I`` to fix the node's rank and seed (else a hash of the path),
@@ -32,10 +32,10 @@ from typing import Any
 
 import numpy as np
 
-from ..config import ConfigError, RunConfig
-from ..data import Split, load_federated_data
-from ..sources import DataError, check_spec, parse_spec, read_libsvm
-from .logic import _split_for_eval, client_eval_partition, client_partition
+from flwr_scaling.run.config import ConfigError, RunConfig
+from flwr_scaling.data.federated import Split, load_federated_data
+from flwr_scaling.data.sources import DataError, check_spec, parse_spec, read_libsvm
+from flwr_scaling.clients.logic import _split_for_eval, client_eval_partition, client_partition
 
 DATA_PATH = "data-path"
 EVAL_PATH = "eval-path"
@@ -107,7 +107,7 @@ def _node_file(cfg: RunConfig, node_config: Mapping[str, Any], spec: str) -> Spl
 @lru_cache(maxsize=4)
 def _load_node_file(spec: str, label_column: str, input_shape: tuple[int, ...], num_classes: int, standardize: bool) -> Split:
     """Features reshaped to ``input_shape`` and labels kept as class indices."""
-    from .. import sources
+    from flwr_scaling.data.federated import sources
 
     kind, path = parse_spec(spec)
     if path is None:  # a bundled dataset: already encoded and scaled

@@ -1,5 +1,5 @@
 """Server side: the SAVIC strategy (a Flower ``FedAvg`` subclass)."""
 
-from .savic import WARMUP_MESSAGE_TYPE, Savic
+from flwr_scaling.strategies.savic import WARMUP_MESSAGE_TYPE, Savic
 
 __all__ = ["Savic", "WARMUP_MESSAGE_TYPE"]

@@ -16,9 +16,9 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
 from flwr.supercore import log
 
-from ..aggregation import next_model, state_from_average, warmup_state
-from ..arrays import checked_weighted_average, content_bytes, numpy_to_record, record_views
-from ..codec import (
+from flwr_scaling.core.server_update import next_model, state_from_average, warmup_state
+from flwr_scaling.core.arrays import checked_weighted_average, content_bytes, numpy_to_record, record_views
+from flwr_scaling.protocol.wire import (
     DTYPE_KEY,
     DTYPES,
     SCALE_SUFFIX,
@@ -30,9 +30,9 @@ from ..codec import (
     wire_dtype,
     wire_view,
 )
-from ..rules import diagonal_bounds, get_rule
-from ..training import MODES
-from .screening import describe, reply_problem, split_records
+from flwr_scaling.core.rules import diagonal_bounds, get_rule
+from flwr_scaling.core.local_sgd import MODES
+from flwr_scaling.strategies.screening import describe, reply_problem, split_records
 
 WARMUP_MESSAGE_TYPE = f"{MessageType.QUERY}.precond_stats"
 INITS = ("warmup", "ones")
@@ -74,7 +74,7 @@ class Savic(FedAvg):
         "ones" (v⁰ = 1: the first round is plain Local SGD).
     precond_dtype : str | None (default: None)
         Encoding of the state sent down and of the statistics (or states)
-        sent up: "float32", "bfloat16" or "float16" (``flwr_scaling.codec``);
+        sent up: "float32", "bfloat16" or "float16" (``flwr_scaling.protocol.wire``);
         the server keeps float32. It is written into the train config
         (``precond-dtype``) for the clients. ``None``: the train config's
         ``precond-dtype`` when it has one, else "float32".

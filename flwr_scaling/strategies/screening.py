@@ -7,8 +7,8 @@ from collections.abc import Mapping
 import numpy as np
 from flwr.app import ArrayRecord, Message, MetricRecord, RecordDict
 
-from ..arrays import array_layout, array_view
-from ..rules import ScalingRule
+from flwr_scaling.core.arrays import array_layout, array_view
+from flwr_scaling.core.rules import ScalingRule
 
 
 def _arrays_problem(

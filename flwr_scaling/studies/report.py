@@ -6,7 +6,7 @@ import math
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
-from .recorder import write_atomic
+from flwr_scaling.run.recorder import write_atomic
 
 
 def first_round_reaching(rows: Sequence[Mapping[str, float]], target: float) -> int | None:

@@ -272,7 +272,7 @@ def load_source(spec: str, label_column: str = "label", test_path: str = "") -> 
         check_spec(spec, test_path)
         return load_hub(spec.partition(":")[2], label_column)
     if path is None:
-        from .data import load_bundled
+        from flwr_scaling.data.federated import load_bundled
 
         return load_bundled(kind)
     check_spec(spec, test_path)

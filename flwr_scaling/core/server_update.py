@@ -7,8 +7,8 @@ from collections.abc import Mapping, Sequence
 
 import numpy as np
 
-from .arrays import weighted_average
-from .rules import ScalingRule, ones_like
+from flwr_scaling.core.arrays import weighted_average
+from flwr_scaling.core.rules import ScalingRule, ones_like
 
 NumpyArrays = dict[str, np.ndarray]
 

@@ -20,7 +20,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .data import DataSpec, load_federated_data
+from flwr_scaling.data.federated import DataSpec, load_federated_data
 
 GRADIENT_TOLERANCE = 1e-7
 MAX_ITERATIONS = 500

@@ -7,7 +7,7 @@ import tempfile
 import warnings
 from pathlib import Path
 
-from .data import PartitionSpec, _load_part, _partitioner
+from flwr_scaling.data.federated import PartitionSpec, _load_part, _partitioner
 
 
 def plot_title(spec: PartitionSpec) -> str:

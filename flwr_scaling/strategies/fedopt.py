@@ -9,7 +9,7 @@ screened FedAvg average (see ``FlowerServerStep``).
 
 FedProx and Local Adam need no server of their own: their server is FedAvg
 (``Savic`` with rule ``identity``); what differs happens on the clients
-(``flwr_scaling.training``).
+(``flwr_scaling.core.local_sgd``).
 """
 
 from __future__ import annotations
@@ -24,8 +24,8 @@ from flwr.serverapp.strategy import FedAdagrad, FedAdam, FedYogi
 from flwr.serverapp.strategy.fedopt import FedOpt
 from flwr.supercore import log
 
-from ..arrays import numpy_to_record, record_views
-from .savic import Savic
+from flwr_scaling.core.arrays import numpy_to_record, record_views
+from flwr_scaling.strategies.savic import Savic
 
 NumpyArrays = dict[str, np.ndarray]
 

@@ -24,7 +24,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, TensorDataset
 
-from .sources import BUNDLED, Source, load_source
+from flwr_scaling.data.sources import BUNDLED, Source, load_source
 
 TEST_FRACTION = 0.2
 MIN_PARTITION_SIZE = 10
@@ -105,7 +105,7 @@ class PartitionSpec:
 
 @lru_cache(maxsize=4)
 def load_federated_data(spec: DataSpec) -> FederatedData:
-    """Load ``spec.dataset`` (see ``flwr_scaling.sources``) and split it into train and test.
+    """Load ``spec.dataset`` (see ``flwr_scaling.data.sources``) and split it into train and test.
 
     The test split is the source's own (a separate file) or else 20 % of the
     data, stratified and seeded. Tabular features are standardised with the

@@ -14,12 +14,12 @@ from collections.abc import Mapping
 from dataclasses import asdict, dataclass, fields, replace
 from typing import Any
 
-from .codec import DTYPES as PRECOND_DTYPES
-from .data import EVAL_SPLITS, MIN_PARTITION_SIZE, PARTITIONERS, TEST_FRACTION, DataSpec, PartitionSpec
-from .sources import BUNDLED, FILE_KINDS, DataError, check_spec
-from .models import MODELS
-from .rules import RULES
-from .training import MODES
+from flwr_scaling.protocol.wire import DTYPES as PRECOND_DTYPES
+from flwr_scaling.data.federated import EVAL_SPLITS, MIN_PARTITION_SIZE, PARTITIONERS, TEST_FRACTION, DataSpec, PartitionSpec
+from flwr_scaling.data.sources import BUNDLED, FILE_KINDS, DataError, check_spec
+from flwr_scaling.core.models import MODELS
+from flwr_scaling.core.rules import RULES
+from flwr_scaling.core.local_sgd import MODES
 
 STRATEGIES = ("fedavg", "savic", "fedadam", "fedyogi", "fedadagrad", "fedprox", "local-adam")
 # Baselines: the client runs plain SGD (local-adam: torch Adam from a fresh

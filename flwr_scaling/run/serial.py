@@ -13,15 +13,15 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .aggregation import next_model, next_state, warmup_state
-from .arrays import numpy_to_torch, torch_to_numpy, weighted_average
-from .codec import decode, encode
-from .clients.logic import client_partition, local_round, local_statistic
-from .config import SERVER_OPTIMIZERS, RunConfig
-from .data import load_federated_data
-from .rules import diagonal_bounds, get_rule
-from .seeding import derived_seed, initial_model
-from .training import evaluate
+from flwr_scaling.core.server_update import next_model, next_state, warmup_state
+from flwr_scaling.core.arrays import numpy_to_torch, torch_to_numpy, weighted_average
+from flwr_scaling.protocol.wire import decode, encode
+from flwr_scaling.clients.logic import client_partition, local_round, local_statistic
+from flwr_scaling.run.config import SERVER_OPTIMIZERS, RunConfig
+from flwr_scaling.data.federated import load_federated_data
+from flwr_scaling.core.rules import diagonal_bounds, get_rule
+from flwr_scaling.core.seeding import derived_seed, initial_model
+from flwr_scaling.core.local_sgd import evaluate
 
 
 @dataclass
@@ -65,7 +65,7 @@ def run_serial(config: RunConfig, exclude: frozenset[int] = frozenset()) -> tupl
     sent = None  # the state as the clients hold it: of the last refresh round, through the encoding
     server_step = None
     if cfg.strategy in SERVER_OPTIMIZERS:  # Flower's own FedAdam / FedYogi / FedAdagrad update
-        from .strategies.baselines import FlowerServerStep
+        from flwr_scaling.strategies.fedopt import FlowerServerStep
 
         server_step = FlowerServerStep(cfg.strategy, eta=cfg.server_lr, tau=cfg.server_tau, eta_l=cfg.lr)
     rows = []

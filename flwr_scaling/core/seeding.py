@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from .models import build_model
+from flwr_scaling.core.models import build_model
 
 
 def derived_seed(seed: int, *parts: int) -> int:

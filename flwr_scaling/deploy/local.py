@@ -28,7 +28,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import IO, Any
 
-from .config import ConfigError, RunConfig
+from flwr_scaling.run.config import ConfigError, RunConfig
 
 FEDERATION = "deploy"
 BIN = Path(sys.executable).parent

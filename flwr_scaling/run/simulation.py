@@ -13,11 +13,11 @@ from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from .checkpoint import Checkpoint
-from .config import RunConfig
-from .data import load_federated_data
-from .partition_plot import plot_partitions
-from .recorder import read_metrics
+from flwr_scaling.run.checkpoint import Checkpoint
+from flwr_scaling.run.config import RunConfig
+from flwr_scaling.data.federated import load_federated_data
+from flwr_scaling.data.partition_plot import plot_partitions
+from flwr_scaling.run.recorder import read_metrics
 
 OUTPUT_FILES = ("config.json", "metrics.csv", "checkpoint.npz", "partitions.png")
 
@@ -129,7 +129,7 @@ def _prompt_delivery() -> Iterator[bool]:
 
 def preflight(cfg: RunConfig) -> None:
     """Everything that can fail cheaply, before Ray starts: options, data, partitions."""
-    from .clients.logic import client_partition
+    from flwr_scaling.clients.logic import client_partition
 
     cfg.validate()
     load_federated_data(cfg.data_spec())
@@ -187,10 +187,10 @@ def simulate(
     """
     from flwr.simulation import run_simulation
 
-    from .clients import app as default_client_app
+    from flwr_scaling.clients import app as default_client_app
 
     client_app = client_app or default_client_app
-    from .server_app import make_server_app
+    from flwr_scaling.server_app import make_server_app
 
     cfg = config.resolved()
     prepare_output(cfg, resume)

@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .rules import STAT_GRAD_SQUARED, STAT_HUTCHINSON, ScalingRule, diagonal_bounds, get_rule, ones_like
+from flwr_scaling.core.rules import STAT_GRAD_SQUARED, STAT_HUTCHINSON, ScalingRule, diagonal_bounds, get_rule, ones_like
 
 MODES = ("global", "local")
 Tensors = dict[str, torch.Tensor]
@@ -29,7 +29,7 @@ class TrainSettings:
     Parameters
     ----------
     rule : str (default: "adam")
-        Scaling rule name (see ``flwr_scaling.rules.RULES``).
+        Scaling rule name (see ``flwr_scaling.core.rules.RULES``).
     mode : str (default: "global")
         ``"global"``: D̂ fixed for the round, the statistic is accumulated;
         ``"local"``: the state is updated and D̂ recomputed before every step.

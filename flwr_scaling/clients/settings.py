@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from .config import RunConfig
-from .training import TrainSettings
+from flwr_scaling.run.config import RunConfig
+from flwr_scaling.core.local_sgd import TrainSettings
 
 
 def train_settings(config: RunConfig) -> TrainSettings:

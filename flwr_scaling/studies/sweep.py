@@ -48,12 +48,12 @@ from dataclasses import dataclass, fields, replace
 from pathlib import Path
 from typing import Any, TextIO
 
-from .checkpoint import CHECKPOINT, Checkpoint, load_checkpoint
-from .config import ConfigError, RunConfig, check_output_folder, read_toml
-from .recorder import read_metrics, write_atomic
-from .report import plot_seed_groups, seed_group_summary
-from .inprocess import BACKENDS, runner_for
-from .simulation import preflight
+from flwr_scaling.run.checkpoint import CHECKPOINT, Checkpoint, load_checkpoint
+from flwr_scaling.run.config import ConfigError, RunConfig, check_output_folder, read_toml
+from flwr_scaling.run.recorder import read_metrics, write_atomic
+from flwr_scaling.studies.report import plot_seed_groups, seed_group_summary
+from flwr_scaling.run.inprocess import BACKENDS, runner_for
+from flwr_scaling.run.simulation import preflight
 
 METHOD = "method"  # the grid key whose values are labels (fedavg, savic-<rule>-<mode>)
 METHOD_OPTIONS = ("strategy", "precond", "precond-mode")  # what a label sets
@@ -272,7 +272,7 @@ def _method_options(label: Any, what: str, error: Callable[[str], ConfigError]) 
 
 
 def _parse_label(label: str) -> dict[str, str]:
-    from .cli import parse_label  # here, not at the top: cli.py may import this module
+    from flwr_scaling.cli import parse_label  # here, not at the top: cli.py may import this module
 
     return parse_label(label)
 

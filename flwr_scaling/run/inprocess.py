@@ -29,9 +29,9 @@ from flwr.serverapp import Grid
 from flwr.supercore.task_identity import TaskIdentity
 import torch
 
-from .checkpoint import Checkpoint
-from .config import RunConfig
-from .recorder import read_metrics
+from flwr_scaling.run.checkpoint import Checkpoint
+from flwr_scaling.run.config import RunConfig
+from flwr_scaling.run.recorder import read_metrics
 
 RUN_ID = 1
 FIRST_NODE_ID = 1_000_001  # node ids are opaque to the strategy; it ranks nodes by partition id
@@ -155,9 +155,9 @@ def run_inprocess(
     Flower's log, ``client_app`` replaces this project's ClientApp, ``resume``
     continues after a checkpoint.
     """
-    from .clients import app as default_client_app
-    from .server_app import run_server
-    from .simulation import prepare_output, quiet_flower
+    from flwr_scaling.clients import app as default_client_app
+    from flwr_scaling.server_app import run_server
+    from flwr_scaling.run.simulation import prepare_output, quiet_flower
 
     cfg = config.resolved()
     prepare_output(cfg, resume)
@@ -179,6 +179,6 @@ def runner_for(backend: str):
     """``simulate`` (Flower's simulation engine, Ray) or ``run_inprocess``."""
     if backend == "inprocess":
         return run_inprocess
-    from .simulation import simulate
+    from flwr_scaling.run.simulation import simulate
 
     return simulate

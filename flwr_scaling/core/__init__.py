@@ -1,0 +1,1 @@
+"""The math: scaling rules, the local training loop, the server-side update, models. No Flower, no I/O."""

@@ -1,0 +1,1 @@
+"""Data: sources, federated splits, partitioners, plots of partitions."""

@@ -1,0 +1,1 @@
+"""Deployment on real SuperNodes: certificates, keys, a local federation."""

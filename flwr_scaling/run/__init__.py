@@ -1,0 +1,1 @@
+"""Running: the run configuration, the backends (simulation, in-process, serial), checkpoints, metrics."""

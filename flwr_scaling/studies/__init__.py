@@ -1,0 +1,1 @@
+"""Studies: sweeps over grids of runs, comparisons, reports."""
