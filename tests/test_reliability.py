@@ -43,14 +43,25 @@ def run_cli(args: list[str], cwd: Path, env: dict | None = None) -> subprocess.C
     return proc
 
 
-def test_same_seed_gives_identical_metrics_and_another_seed_does_not(tmp_path):
+def check_same_seed_same_result(tmp_path: Path, backend: str) -> None:
     for name, seed in (("a", "3"), ("b", "3"), ("c", "4")):
-        run_cli(["run", *SMALL, "--rounds", "3", "--seed", seed, "--out", str(tmp_path / name)], tmp_path)
+        run_cli(["run", *SMALL, "--rounds", "3", "--seed", seed, "--backend", backend, "--out", str(tmp_path / name)],
+                tmp_path)
     first = rows_without_wall_clock(tmp_path / "a" / "metrics.csv")
     assert first == rows_without_wall_clock(tmp_path / "b" / "metrics.csv")
     assert first != rows_without_wall_clock(tmp_path / "c" / "metrics.csv")
     same = [load_checkpoint(tmp_path / name).model for name in ("a", "b")]
     assert all(np.array_equal(same[0][k], same[1][k]) for k in same[0])
+
+
+@pytest.mark.slow  # three Ray simulations: about 150 s on 2 cores
+def test_same_seed_gives_identical_metrics_and_another_seed_does_not(tmp_path):
+    check_same_seed_same_result(tmp_path, "simulation")
+
+
+def test_same_seed_gives_identical_metrics_in_process(tmp_path):
+    # The default suite's determinism check: the same ServerApp and ClientApp without Ray's start-up.
+    check_same_seed_same_result(tmp_path, "inprocess")
 
 
 @pytest.mark.slow
