@@ -11,7 +11,7 @@ import torch
 
 from flwr_scaling.run.config import RunConfig
 from flwr_scaling.run.inprocess import run_inprocess
-from flwr_scaling.core.objective import optimal_objective, optimality_gap
+from flwr_scaling.run.objective import optimal_objective, optimality_gap
 
 # One binary feature; at x = 0 three of four rows are class 0, at x = 1 three of four are class 1.
 # Logistic regression can match both conditional frequencies exactly, so
