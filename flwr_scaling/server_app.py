@@ -16,7 +16,7 @@ from flwr_scaling.run.checkpoint import Checkpoint, save_checkpoint
 from flwr_scaling.core.arrays import numpy_to_record, numpy_to_torch, record_to_numpy, torch_to_numpy
 from flwr_scaling.run.config import SERVER_OPTIMIZERS, ConfigError, RunConfig
 from flwr_scaling.data.federated import load_federated_data
-from flwr_scaling.core.objective import optimality_gap
+from flwr_scaling.run.objective import optimality_gap
 from flwr_scaling.run.recorder import RunRecorder
 from flwr_scaling.core.seeding import derived_seed, initial_model
 from flwr_scaling.strategies import Savic
