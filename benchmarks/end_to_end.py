@@ -386,7 +386,7 @@ def wire_check(problems: list[str], workdir: Path) -> None:
     from flwr.supercore.inflatable.inflatable_object import get_all_nested_objects
 
     from flwr_scaling.run import inprocess
-    from flwr_scaling.core.arrays import content_bytes
+    from flwr_scaling.protocol.records import content_bytes
 
     def sizes(message: Message) -> tuple[int, int, int]:
         arrays = content_bytes(message.content) if message.has_content() else 0

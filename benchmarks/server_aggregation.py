@@ -66,7 +66,8 @@ from flwr.serverapp.strategy.strategy_utils import aggregate_arrayrecords
 from flwr.supercore.task_identity import TaskIdentity
 
 from flwr_scaling.core.server_update import state_from_average
-from flwr_scaling.core.arrays import checked_weighted_average, numpy_to_record, record_to_numpy, record_views
+from flwr_scaling.core.arrays import checked_weighted_average
+from flwr_scaling.protocol.records import numpy_to_record, record_to_numpy, record_views
 from flwr_scaling.core.rules import get_rule
 from flwr_scaling.strategies import Savic
 

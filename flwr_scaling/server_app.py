@@ -13,7 +13,8 @@ from flwr.app import ConfigRecord, Context, Message, MessageType, MetricRecord, 
 from flwr.serverapp import Grid, ServerApp
 
 from flwr_scaling.run.checkpoint import Checkpoint, save_checkpoint
-from flwr_scaling.core.arrays import numpy_to_record, numpy_to_torch, record_to_numpy, torch_to_numpy
+from flwr_scaling.core.arrays import numpy_to_torch, torch_to_numpy
+from flwr_scaling.protocol.records import numpy_to_record, record_to_numpy
 from flwr_scaling.run.config import SERVER_OPTIMIZERS, ConfigError, RunConfig
 from flwr_scaling.data.federated import load_federated_data
 from flwr_scaling.run.objective import optimality_gap

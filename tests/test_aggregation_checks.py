@@ -19,7 +19,8 @@ import pytest
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message
 from flwr.supercore.task_identity import TaskIdentity
 
-from flwr_scaling.core.arrays import array_layout, array_view, checked_weighted_average, weighted_average
+from flwr_scaling.core.arrays import checked_weighted_average, weighted_average
+from flwr_scaling.protocol.records import array_layout, array_view
 from flwr_scaling.core.rules import get_rule
 from flwr_scaling.strategies import Savic
 from flwr_scaling.strategies.screening import describe, reply_problem

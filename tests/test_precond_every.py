@@ -15,7 +15,8 @@ import pytest
 from flwr.app import ConfigRecord, Context, Message, MessageType, RecordDict
 from flwr.supercore.task_identity import TaskIdentity
 
-from flwr_scaling.core.arrays import numpy_to_record, torch_to_numpy
+from flwr_scaling.core.arrays import torch_to_numpy
+from flwr_scaling.protocol.records import numpy_to_record
 from flwr_scaling.clients import client_app
 from flwr_scaling.protocol.wire import VERSION_KEY, put_encoded, wire_view
 from flwr_scaling.run.config import RunConfig

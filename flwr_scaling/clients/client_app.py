@@ -18,7 +18,7 @@ from __future__ import annotations
 from flwr.app import ConfigRecord, Context, Error, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
-from flwr_scaling.core.arrays import numpy_to_record, record_to_numpy
+from flwr_scaling.protocol.records import numpy_to_record, record_to_numpy
 from flwr_scaling.protocol.wire import SCALE_SUFFIX, VERSION_KEY, put_encoded, take_encoded
 from flwr_scaling.run.config import ConfigError, RunConfig
 from flwr_scaling.core.local_sgd import evaluate as evaluate_model

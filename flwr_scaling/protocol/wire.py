@@ -34,7 +34,7 @@ from dataclasses import dataclass, field
 import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, RecordDict
 
-from flwr_scaling.core.arrays import array_view
+from flwr_scaling.protocol.records import array_view
 
 DTYPES = ("float32", "bfloat16", "float16")
 # How the strategy and the ClientApp name what travels (ConfigRecord keys):

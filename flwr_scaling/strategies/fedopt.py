@@ -24,7 +24,7 @@ from flwr.serverapp.strategy import FedAdagrad, FedAdam, FedYogi
 from flwr.serverapp.strategy.fedopt import FedOpt
 from flwr.supercore import log
 
-from flwr_scaling.core.arrays import numpy_to_record, record_views
+from flwr_scaling.protocol.records import numpy_to_record, record_views
 from flwr_scaling.strategies.savic import Savic
 
 NumpyArrays = dict[str, np.ndarray]

@@ -17,7 +17,8 @@ from flwr.serverapp.strategy import FedAvg
 from flwr.supercore import log
 
 from flwr_scaling.core.server_update import next_model, state_from_average, warmup_state
-from flwr_scaling.core.arrays import checked_weighted_average, content_bytes, numpy_to_record, record_views
+from flwr_scaling.core.arrays import checked_weighted_average
+from flwr_scaling.protocol.records import content_bytes, numpy_to_record, record_views
 from flwr_scaling.protocol.wire import (
     DTYPE_KEY,
     DTYPES,

@@ -7,7 +7,7 @@ from collections.abc import Mapping
 import numpy as np
 from flwr.app import ArrayRecord, Message, MetricRecord, RecordDict
 
-from flwr_scaling.core.arrays import array_layout, array_view
+from flwr_scaling.protocol.records import array_layout, array_view
 from flwr_scaling.core.rules import ScalingRule
 
 
