@@ -80,11 +80,11 @@ def _ask(grid: InProcessGrid, kind: str, nodes) -> list[Message]:
 
 
 def test_each_node_keeps_its_context_and_a_raising_client_is_an_error_reply():
-    from flwr_scaling.run.inprocess import _server_identity
+    from flwr_scaling.run.inprocess import server_identity
 
     grid = InProcessGrid(client_app=_counting_app(), num_nodes=3)
     nodes = sorted(grid.get_node_ids())
-    with _server_identity():
+    with server_identity():
         _ask(grid, "count", nodes)
         replies = _ask(grid, "count", nodes[:2])
         failed = _ask(grid, "fail", nodes[:1])

@@ -22,12 +22,11 @@ from collections.abc import Iterable
 from pathlib import Path
 from uuid import uuid4
 
-from flwr.app import Context, Error, Message, RecordDict
-from flwr.common.constant import SUPERLINK_NODE_ID, ErrorCode
-from flwr.common.serde import message_from_proto, message_to_proto
-from flwr.serverapp import Grid
-from flwr.supercore.task_identity import TaskIdentity
 import torch
+from flwr.app import Context, Error, Message, RecordDict
+from flwr.serverapp import Grid
+
+from flwr_scaling.protocol.flower_adapter import SUPERLINK_NODE_ID, ErrorCode, stamp_message, task_identity, wire_copy
 
 from flwr_scaling.run.checkpoint import Checkpoint
 from flwr_scaling.run.config import RunConfig
@@ -37,20 +36,9 @@ RUN_ID = 1
 FIRST_NODE_ID = 1_000_001  # node ids are opaque to the strategy; it ranks nodes by partition id
 
 
-def _wire_copy(message: Message) -> Message:
-    """The message as the other side receives it: serialised to protobuf bytes and parsed again."""
-    return message_from_proto(type(message_to_proto(message)).FromString(message_to_proto(message).SerializeToString()))
-
-
-@contextlib.contextmanager
-def _server_identity():
+def server_identity():
     """Messages made in this process name the run and the server as their source, as in a ServerApp process."""
-    saved = (TaskIdentity._task_id, TaskIdentity._run_id, TaskIdentity._node_id)
-    TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = 1, RUN_ID, SUPERLINK_NODE_ID
-    try:
-        yield
-    finally:
-        TaskIdentity._task_id, TaskIdentity._run_id, TaskIdentity._node_id = saved
+    return task_identity(task_id=1, run_id=RUN_ID, node_id=SUPERLINK_NODE_ID)
 
 
 @contextlib.contextmanager
@@ -116,8 +104,7 @@ class InProcessGrid(Grid):
         ids = []
         for message in messages:
             message_id = str(uuid4())
-            message.metadata.__dict__["_message_id"] = message_id
-            message.metadata.__dict__["_run_id"] = RUN_ID
+            stamp_message(message, message_id=message_id, run_id=RUN_ID)
             self._replies[message_id] = self._handle(message)
             ids.append(message_id)
         return ids
@@ -130,7 +117,7 @@ class InProcessGrid(Grid):
 
     # ----------------------------------------------------------------------
     def _handle(self, message: Message) -> Message:
-        received = _wire_copy(message)
+        received = wire_copy(message)
         context = self.contexts.get(message.metadata.dst_node_id)
         if context is None:
             reply = Message(Error(code=ErrorCode.UNKNOWN, reason=f"no node {message.metadata.dst_node_id}"),
@@ -141,8 +128,8 @@ class InProcessGrid(Grid):
             except Exception as problem:  # as the simulation engine does: the server gets an error reply
                 reason = f"{type(problem)}:<'{problem}'>"
                 reply = Message(Error(code=ErrorCode.CLIENT_APP_RAISED_EXCEPTION, reason=reason), reply_to=received)
-        reply.metadata.__dict__["_message_id"] = str(uuid4())
-        return _wire_copy(reply)
+        stamp_message(reply, message_id=str(uuid4()))
+        return wire_copy(reply)
 
 
 def run_inprocess(
@@ -163,7 +150,7 @@ def run_inprocess(
     prepare_output(cfg, resume)
     quiet_flower(verbose)
     grid = InProcessGrid(client_app=client_app or default_client_app, num_nodes=cfg.num_clients)
-    with _server_identity(), _threads():
+    with server_identity(), _threads():
         run_server(grid, cfg, resume)
     metrics = Path(cfg.out) / "metrics.csv"
     rows = read_metrics(metrics) if metrics.exists() else []

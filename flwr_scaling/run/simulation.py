@@ -2,10 +2,8 @@
 
 from __future__ import annotations
 
-import importlib
 import logging
 import os
-import shutil
 import threading
 import time
 from collections import Counter
@@ -13,6 +11,7 @@ from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+from flwr_scaling.protocol.flower_adapter import simulation_delivery
 from flwr_scaling.run.checkpoint import Checkpoint
 from flwr_scaling.run.config import RunConfig
 from flwr_scaling.data.federated import load_federated_data
@@ -89,42 +88,28 @@ def _prompt_delivery() -> Iterator[bool]:
     """For one ``run_simulation`` call: the event-driven extractor and a grid that announces its pushes.
 
     Both replace module globals of Flower's simulation runtime (the same
-    signatures, the same LinkState calls) and are put back afterwards; if
-    Flower moved them, nothing is replaced and the run polls as before
-    (yields whether the replacement is in place).
+    signatures, the same LinkState calls; ``flower_adapter.simulation_delivery``)
+    and are put back afterwards; if Flower moved them, nothing is replaced and
+    the run polls as before (yields whether the replacement is in place).
     """
-    try:
-        vce_api = importlib.import_module("flwr.server.superlink.fleet.vce.vce_api")
-        # The module, not the function that ``flwr.simulation`` exports under the same name.
-        runtime = importlib.import_module("flwr.simulation.run_simulation")
-    except ImportError:
-        yield False
-        return
-    extractor = getattr(vce_api, "add_messages_to_queue", None)
-    grid_class = getattr(runtime, "InMemoryGrid", None)
-    if extractor is None or grid_class is None or not hasattr(grid_class, "push_messages"):
-        yield False
-        return
     deliveries = _Deliveries()
 
-    class PromptGrid(grid_class):
-        def __init__(self, *args, **kwargs) -> None:
-            kwargs.setdefault("pull_interval", REPLY_POLL_S)
-            super().__init__(*args, **kwargs)
+    def prompt(grid_class: type) -> type:
+        class PromptGrid(grid_class):
+            def __init__(self, *args, **kwargs) -> None:
+                kwargs.setdefault("pull_interval", REPLY_POLL_S)
+                super().__init__(*args, **kwargs)
 
-        def push_messages(self, messages):
-            messages = list(messages)
-            ids = list(super().push_messages(messages))
-            deliveries.pushed(m.metadata.dst_node_id for m in messages)
-            return ids
+            def push_messages(self, messages):
+                messages = list(messages)
+                ids = list(super().push_messages(messages))
+                deliveries.pushed(m.metadata.dst_node_id for m in messages)
+                return ids
 
-    vce_api.add_messages_to_queue = _extractor(deliveries)
-    runtime.InMemoryGrid = PromptGrid
-    try:
-        yield True
-    finally:
-        vce_api.add_messages_to_queue = extractor
-        runtime.InMemoryGrid = grid_class
+        return PromptGrid
+
+    with simulation_delivery(lambda: _extractor(deliveries), prompt) as installed:
+        yield installed
 
 
 def preflight(cfg: RunConfig) -> None:
@@ -210,9 +195,3 @@ def simulate(
     if len(rows) != cfg.rounds:
         raise RuntimeError(f"the simulation ended after {len(rows)} of {cfg.rounds} rounds; see the log above")
     return rows
-
-
-def clean_output(out: Path) -> None:
-    """Remove a folder this tool created (used when a run fails before writing anything useful)."""
-    if out.exists() and not any(out.iterdir()):
-        shutil.rmtree(out)
