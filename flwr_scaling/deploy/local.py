@@ -2,20 +2,20 @@
 
 ``deploy_local`` starts a SuperLink and N SuperNodes on 127.0.0.1 (free
 ports), runs one configuration with ``flwr run . <federation> --stream`` and
-stops every process it started, also on Ctrl-C and on failure. By default the
+stops every process it started, also on Ctrl-C, on failure and when it is
+killed outright (``flwr_scaling.deploy.processes``). By default the
 federation is secure: TLS with a fresh CA (``make_certificates``) and
 SuperNode authentication (``--enable-supernode-auth``: only public keys
 registered with ``flwr supernode register`` may join). ``secure=False`` is
-the explicit ``--insecure`` path.
+the explicit ``--insecure`` path, announced on stderr.
 
-The building blocks (``make_certificates``, ``make_node_key``,
-``LocalFederation``) are what docs/deploy.md runs by hand on real machines.
+The building blocks (``make_certificates`` and ``make_node_key`` from
+``flwr_scaling.deploy.certs``, ``LocalFederation``) are what docs/deploy.md
+runs by hand on real machines.
 """
 
 from __future__ import annotations
 
-import datetime
-import ipaddress
 import json
 import os
 import signal
@@ -23,158 +23,31 @@ import socket
 import subprocess
 import sys
 import time
+import uuid
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import IO, Any
+from typing import Any
 
+from flwr_scaling.deploy.certs import Certificates, make_certificates, make_node_key
+from flwr_scaling.deploy.processes import MARKER_VARIABLE, Proc, Watchdog, end_processes, parent_death_signal, spawn
 from flwr_scaling.run.config import ConfigError, RunConfig
 
 FEDERATION = "deploy"
 BIN = Path(sys.executable).parent
+INSECURE_WARNING = ("flwr-scaling: warning: --insecure: no TLS and no SuperNode authentication; "
+                    "any local process can join the federation or read its traffic")
 
 
 class DeployError(RuntimeError):
     """A deployment step failed; the message names the step and the log to read."""
 
 
-# --------------------------------------------------------------- certificates
-@dataclass(frozen=True)
-class Certificates:
-    ca_cert: Path  # give to every SuperNode (--root-certificates) and to `flwr` (root-certificates)
-    server_cert: Path  # SuperLink --ssl-certfile
-    server_key: Path  # SuperLink --ssl-keyfile (keep secret)
-
-
-def make_certificates(directory: Path, hosts: Sequence[str] = ("localhost", "127.0.0.1"), days: int = 365) -> Certificates:
-    """A self-signed CA and a server certificate for ``hosts`` (DNS names or IP
-    addresses, as the SuperNodes will dial them), written as PEM files."""
-    from cryptography import x509
-    from cryptography.hazmat.primitives import hashes, serialization
-    from cryptography.hazmat.primitives.asymmetric import ec
-    from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
-
-    directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
-    now = datetime.datetime.now(datetime.timezone.utc)
-    start, end = now - datetime.timedelta(minutes=5), now + datetime.timedelta(days=days)
-
-    ca_key = ec.generate_private_key(ec.SECP384R1())
-    ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "flwr-scaling CA")])
-    ca_cert = (
-        x509.CertificateBuilder().subject_name(ca_name).issuer_name(ca_name)
-        .public_key(ca_key.public_key()).serial_number(x509.random_serial_number())
-        .not_valid_before(start).not_valid_after(end)
-        .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
-        .add_extension(x509.KeyUsage(digital_signature=True, key_cert_sign=True, crl_sign=True, content_commitment=False,
-                                     key_encipherment=False, data_encipherment=False, key_agreement=False,
-                                     encipher_only=False, decipher_only=False), critical=True)
-        .add_extension(x509.SubjectKeyIdentifier.from_public_key(ca_key.public_key()), critical=False)
-        .sign(ca_key, hashes.SHA256())
-    )
-    names: list[x509.GeneralName] = []
-    for host in hosts:
-        try:
-            names.append(x509.IPAddress(ipaddress.ip_address(host)))
-        except ValueError:
-            names.append(x509.DNSName(host))
-    server_key = ec.generate_private_key(ec.SECP384R1())
-    server_cert = (
-        x509.CertificateBuilder()
-        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, hosts[0])]))
-        .issuer_name(ca_name).public_key(server_key.public_key()).serial_number(x509.random_serial_number())
-        .not_valid_before(start).not_valid_after(end)
-        .add_extension(x509.SubjectAlternativeName(names), critical=False)
-        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
-        .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
-        .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()), critical=False)
-        .sign(ca_key, hashes.SHA256())
-    )
-    pem = serialization.Encoding.PEM
-    paths = Certificates(directory / "ca.crt", directory / "server.pem", directory / "server.key")
-    paths.ca_cert.write_bytes(ca_cert.public_bytes(pem))
-    paths.server_cert.write_bytes(server_cert.public_bytes(pem))
-    _write_secret(paths.server_key, server_key.private_bytes(pem, serialization.PrivateFormat.TraditionalOpenSSL,
-                                                              serialization.NoEncryption()))
-    _write_secret(directory / "ca.key", ca_key.private_bytes(pem, serialization.PrivateFormat.TraditionalOpenSSL,
-                                                             serialization.NoEncryption()))
-    return paths
-
-
-def make_node_key(directory: Path, name: str) -> tuple[Path, Path]:
-    """A SuperNode's EC P-384 key pair in OpenSSH format: ``(private, public)``.
-    The private key stays on the device (``--auth-supernode-private-key``); the
-    public key is registered on the SuperLink (``flwr supernode register``)."""
-    from cryptography.hazmat.primitives import serialization
-    from cryptography.hazmat.primitives.asymmetric import ec
-
-    directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
-    key = ec.generate_private_key(ec.SECP384R1())
-    private, public = directory / name, directory / f"{name}.pub"
-    _write_secret(private, key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.OpenSSH,
-                                             serialization.NoEncryption()))
-    public.write_bytes(key.public_key().public_bytes(serialization.Encoding.OpenSSH,
-                                                     serialization.PublicFormat.OpenSSH) + b"\n")
-    return private, public
-
-
-def _write_secret(path: Path, data: bytes) -> None:
-    path.write_bytes(data)
-    path.chmod(0o600)
-
-
-# ------------------------------------------------------------------ processes
 def free_port() -> int:
+    """A TCP port on 127.0.0.1 that was free a moment ago."""
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
-
-
-@dataclass
-class Proc:
-    """A started process in its own process group, with its log file."""
-
-    name: str
-    popen: subprocess.Popen
-    log: Path
-
-    @property
-    def pid(self) -> int:
-        return self.popen.pid
-
-    def alive(self) -> bool:
-        return self.popen.poll() is None
-
-    def log_text(self) -> str:
-        return self.log.read_text(errors="replace") if self.log.exists() else ""
-
-    def stop(self, grace_s: float = 10.0) -> None:
-        """SIGTERM to the process group, SIGKILL after ``grace_s``; also reaps stray children."""
-        try:
-            os.killpg(self.pid, signal.SIGTERM)
-        except ProcessLookupError:
-            pass
-        try:
-            self.popen.wait(timeout=grace_s)
-        except subprocess.TimeoutExpired:
-            pass
-        try:  # children (flwr-clientapp, flwr-serverapp) may outlive the leader
-            os.killpg(self.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-        try:
-            self.popen.wait(timeout=5)
-        except subprocess.TimeoutExpired:
-            pass
-
-    def kill(self) -> None:
-        """SIGKILL the whole group at once: a device losing power."""
-        try:
-            os.killpg(self.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-        self.popen.wait(timeout=10)
 
 
 @dataclass
@@ -183,6 +56,13 @@ class LocalFederation:
 
     ``workdir`` receives ``flwr_home/`` (FLWR_HOME with ``config.toml``),
     ``certs/``, ``keys/``, ``superlink.db`` and one ``*.log`` per process.
+    Certificates and node keys are made fresh for each federation, replacing
+    those an earlier one left in ``workdir``.
+
+    Every process it starts carries ``FLWR_SCALING_FEDERATION=<marker>`` in its
+    environment, as do the processes Flower starts from them; ``stop`` ends
+    them all, and a watchdog does the same if this process dies without
+    calling it (see ``flwr_scaling.deploy.processes``).
     """
 
     workdir: Path
@@ -193,14 +73,19 @@ class LocalFederation:
 
     def __post_init__(self) -> None:
         self.workdir = Path(self.workdir).resolve()
-        self.workdir.mkdir(parents=True, exist_ok=True)
         self.app_dir = Path(self.app_dir or default_app_dir()).resolve()
         self.flwr_home = self.workdir / "flwr_home"
-        self.flwr_home.mkdir(exist_ok=True)
+        try:
+            self.flwr_home.mkdir(parents=True, exist_ok=True)
+        except OSError as error:  # a file in the way, or a folder we may not write
+            raise ConfigError(f"work folder {str(self.workdir)!r} cannot be used: {error.strerror or error}; "
+                              "choose another --workdir") from None
         self.port = free_port()
         self.address = f"127.0.0.1:{self.port}"
-        self.certs = make_certificates(self.workdir / "certs") if self.secure else None
-        self._node_count = 0
+        self.certs = make_certificates(self.workdir / "certs", replace=True) if self.secure else None
+        self.node_count = 0
+        self.marker = uuid.uuid4().hex
+        self.watchdog = Watchdog(self.marker, os.environ)
 
     # environment shared by every process: nothing is installed at run time
     def env(self) -> dict[str, str]:
@@ -209,15 +94,13 @@ class LocalFederation:
         env["FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION"] = "1"
         env["PATH"] = f"{BIN}{os.pathsep}{env.get('PATH', '')}"
         env.setdefault("PYTHONUNBUFFERED", "1")
+        env[MARKER_VARIABLE] = self.marker
         return env
 
     def spawn(self, name: str, argv: Sequence[str], cwd: Path | None = None) -> Proc:
-        log = self.workdir / f"{name}.log"
-        handle = open(log, "ab")
-        popen = subprocess.Popen(list(argv), stdout=handle, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                 cwd=str(cwd or self.workdir), env=self.env(), start_new_session=True)
-        handle.close()
-        proc = Proc(name, popen, log)
+        """Start ``argv`` as ``name`` (log: ``workdir/<name>.log``), watched until ``stop``."""
+        proc = spawn(name, argv, self.workdir / f"{name}.log", cwd or self.workdir, self.env())
+        self.watchdog.watch_group(proc.pid)
         self.processes.append(proc)
         return proc
 
@@ -263,7 +146,8 @@ class LocalFederation:
     def flwr(self, *args: str, timeout_s: float = 120.0) -> subprocess.CompletedProcess:
         """Run the ``flwr`` CLI against this federation (FLWR_HOME set)."""
         return subprocess.run([str(BIN / "flwr"), *args], cwd=str(self.app_dir), env=self.env(), capture_output=True,
-                              text=True, timeout=timeout_s, start_new_session=True)
+                              text=True, timeout=timeout_s, start_new_session=True,
+                              preexec_fn=parent_death_signal())
 
     def register(self, public_key: Path, name: str | None = None) -> str:
         """``flwr supernode register KEY <federation>``: allow this public key to join."""
@@ -289,14 +173,14 @@ class LocalFederation:
         """Start a SuperNode with ``node_config``. Secure: a fresh key pair (registered
         unless ``register=False``, or ``private_key`` given), and the CA certificate
         unless ``root_certificates`` is ``False`` or another file."""
-        index = self._node_count
-        self._node_count += 1
+        index = self.node_count
+        self.node_count += 1
         name = name or f"supernode-{index}"
         argv = [str(BIN / "flower-supernode"), "--superlink", self.address, "--host", "127.0.0.1",
                 "--port", str(free_port()), "--node-config", format_node_config(node_config)]
         if self.secure:
             if private_key is None:
-                private_key, public_key = make_node_key(self.workdir / "keys", name)
+                private_key, public_key = make_node_key(self.workdir / "keys", name, replace=True)
                 if register:
                     self.register(public_key, name)
             argv += ["--auth-supernode-private-key", str(private_key)]
@@ -353,9 +237,21 @@ class LocalFederation:
 
     # ------------------------------------------------------------- teardown
     def stop(self) -> None:
-        """Stop every process this federation started: the newest first (SuperNodes before the SuperLink)."""
+        """Stop every process this federation started: the newest first (SuperNodes before the SuperLink),
+        then whatever else carries its marker (Flower's SuperExec and apps, in sessions of their own)."""
         while self.processes:
-            self.processes.pop().stop()
+            proc = self.processes.pop()
+            proc.stop()
+            self.watchdog.forget_group(proc.pid)
+        end_processes(self.marker)
+        self.watchdog.dismiss()
+
+    def release(self, proc: Proc) -> None:
+        """Stop one process early and stop watching it (e.g. a node a test started on the side)."""
+        proc.stop()
+        if proc in self.processes:
+            self.processes.remove(proc)
+        self.watchdog.forget_group(proc.pid)
 
     def __enter__(self) -> LocalFederation:
         return self
@@ -367,7 +263,7 @@ class LocalFederation:
 # ------------------------------------------------------------------- helpers
 def default_app_dir() -> Path:
     """The Flower app's folder (pyproject.toml with [tool.flwr.app]): the source checkout."""
-    root = Path(__file__).resolve().parents[1]
+    root = Path(__file__).resolve().parents[2]  # <root>/flwr_scaling/deploy/local.py
     if not (root / "pyproject.toml").exists():
         raise DeployError("deploying needs the project's source folder (pyproject.toml with [tool.flwr.app]); "
                           "pass app_dir= or install from a checkout (pip install -e .)")
@@ -417,7 +313,10 @@ def deploy_local(
     ``out`` is made absolute (relative to the current folder). Logs, keys and
     certificates go to ``workdir``. Returns the output folder with
     ``metrics.csv`` and ``config.json``. Every process is stopped on return, on
-    failure and on Ctrl-C / SIGTERM.
+    failure, on Ctrl-C / SIGTERM, and by a watchdog if this process is killed
+    outright; on Linux the children also get SIGTERM from the kernel when the
+    thread that called this function ends, so call it from a thread that
+    lives as long as the run. ``secure=False`` prints a warning on stderr.
     """
     if nodes < 1:
         raise ConfigError(f"nodes must be at least 1, got {nodes}")
@@ -437,8 +336,11 @@ def deploy_local(
     in_main = _in_main_thread()
     if in_main:
         signal.signal(signal.SIGTERM, _terminate)
-    federation = LocalFederation(Path(workdir), secure=secure, app_dir=app_dir)
+    if not secure:
+        print(INSECURE_WARNING, file=sys.stderr, flush=True)
+    federation = None
     try:
+        federation = LocalFederation(Path(workdir), secure=secure, app_dir=app_dir)
         federation.start_superlink()
         for index, node_config in enumerate(configs):
             federation.start_supernode(node_config, f"supernode-{index}")
@@ -451,7 +353,8 @@ def deploy_local(
             raise DeployError(f"the run ended without {metrics}; see {federation.workdir}/superlink.log")
         return Path(cfg.out)
     finally:
-        federation.stop()
+        if federation is not None:
+            federation.stop()
         if in_main:
             signal.signal(signal.SIGTERM, previous)
 
@@ -462,4 +365,5 @@ def _in_main_thread() -> bool:
     return threading.current_thread() is threading.main_thread()
 
 
+# make_certificates, make_node_key and Certificates stay importable from here (the CLI and older scripts do).
 __all__ = ["Certificates", "DeployError", "LocalFederation", "deploy_local", "make_certificates", "make_node_key"]
