@@ -4,8 +4,8 @@ Runs the serial reference (same client code, data and seeds as the Flower
 simulation) on the default problem with ``eval-split = validation`` for a
 small grid per method and prints, per method, the step size with the best
 mean validation accuracy over rounds 1..R (rewarding both speed and the final
-value), averaged over seeds. The chosen values are ``DEFAULT_LR`` in
-``flwr_scaling/config.py``.
+value), averaged over seeds. The chosen values are the rules' ``default_lr``
+in ``flwr_scaling/core/rules.py``.
 
     python experiments/tune_defaults.py [--rounds 30] [--seeds 0 1]
 """

@@ -3,58 +3,135 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import difflib
 import sys
 import time
 from dataclasses import fields, replace
 from pathlib import Path
 
-from flwr_scaling.run.config import STRATEGIES, ConfigError, RunConfig, check_output_folder, load_toml
-from flwr_scaling.core.rules import RULES
-from flwr_scaling.core.local_sgd import MODES
+from flwr_scaling.run import config as run_config
+from flwr_scaling.run.config import ConfigError, RunConfig, check_output_folder, load_toml
+from flwr_scaling.run.outdir import claim_output
+from flwr_scaling.core.rules import MODES, RULES
+from flwr_scaling.methods import DEFAULT_COMPARE, METHODS, parse_label
 
-DEFAULT_COMPARE = ("fedavg", "savic-adam-global", "savic-adam-local", "savic-oasis-global")
 COMPARE_FIXED = {"strategy", "precond", "precond_mode", "lr", "out"}  # set per configuration
 
-HELP = {
-    "strategy": "savic (scaled Local SGD), fedavg (Local SGD), or a baseline: fedadam, fedyogi, fedadagrad, fedprox, local-adam. Default: savic",
-    "precond": "scaling rule: identity, adagrad, rmsprop, adam, oasis. Default: adam (savic), identity (fedavg)",
-    "precond_mode": "global (D̂ fixed within a round) or local (clients adapt D̂ every step). Default: global",
-    "precond_beta": "moving-average factor of the state (rmsprop, adam, oasis), in [0, 1). Default: 0.99",
-    "precond_alpha": "lower clip of the diagonal, D̂ = max(alpha, D(v)). Default: 0.1 for oasis, 1e-3 otherwise",
-    "precond_init": "warmup (v0 = mean statistic at x0) or ones (v0 = 1). Default: warmup",
-    "precond_probes": "Hutchinson probes per step (oasis). Default: 1",
-    "precond_dtype": "encoding of the preconditioner state sent down and the statistic (or state) sent up: "
-                     "float32, bfloat16, float16 (the server keeps float32). Default: float32",
-    "precond_every": "send the preconditioner state every K rounds; clients reuse their cached copy in between. "
-                     "Default: 1",
-    "warmup_batches": "batches per client for the warm-up statistic. Default: 4",
-    "adam_beta1": "first-moment factor of adam, in [0, 1). Default: 0.9",
-    "momentum": "heavy-ball momentum on g/D̂, in [0, 1). Default: 0 (the paper has none)",
-    "lr": "client step size γ. Default: tuned per method (README, Defaults)",
-    "server_lr": "server step size η (1 = FedAvg). Default: 1; 0.1 for fedadam, fedyogi, fedadagrad",
-    "server_tau": "τ, the adaptivity of fedadam/fedyogi/fedadagrad. Default: 1e-3",
-    "proximal_mu": "μ of fedprox's proximal term μ/2 ||x - x_round||². Default: 0.01",
-    "partitioner": "dirichlet (by --dirichlet-alpha), iid, or shard (--shard-classes labels per client). Default: dirichlet",
-    "shard_classes": "labels per client with --partitioner shard. Default: 2",
-    "client_eval_every": "every K rounds, clients evaluate the model on their own held-out part (0: never). Default: 0",
-    "local_epochs": "local epochs per round. Default: 1",
-    "batch_size": "client batch size. Default: 32",
-    "rounds": "number of rounds. Default: 30",
-    "num_clients": "number of clients (partitions). Default: 10",
-    "clients_per_round": "clients sampled per round. Default: all",
-    "dirichlet_alpha": "Dirichlet concentration of the label split (smaller = more heterogeneous). Default: 0.5",
-    "dataset": "digits, breast_cancer, wine (bundled) or libsvm:FILE, idx:DIR, csv:FILE, parquet:FILE. Default: digits",
-    "label_column": "label column of csv/parquet files. Default: label",
-    "test_path": "a separate test file (libsvm, csv, parquet); default: 20%% of the data, stratified",
-    "eval_split": "test, or validation (20%% of the training split; for choosing step sizes). Default: test",
-    "model": "cnn, mlp or logreg. Default: cnn for digits, logreg otherwise",
-    "seed": "seed of every random choice (split, partition, init, batches, probes, sampling). Default: 0",
-    "out": "output folder. Default: runs/<label>",
-    "wait_for_nodes_s": "how long the server waits for num-clients nodes before it gives up. Default: 60",
-    "min_successful_clients": "a round with fewer accepted replies changes nothing and is recorded as failed. Default: 1",
-    "checkpoint_every": "write a checkpoint every K rounds (0: never). Default: 1",
+# What each run option means. The help adds its choices and its default, read
+# from the registries (methods, rules, ...) and RunConfig, so that a
+# registered rule or method shows up here and no default is written twice.
+DESCRIPTIONS = {
+    "strategy": "the method",
+    "precond": "scaling rule",
+    "precond_mode": "global: D̂ fixed within a round; local: clients adapt D̂ every step",
+    "precond_beta": "moving-average factor of the state (rmsprop, adam, oasis), in [0, 1)",
+    "precond_alpha": "lower clip of the diagonal, D̂ = max(alpha, D(v))",
+    "precond_init": "warmup (v0 = mean statistic at x0) or ones (v0 = 1)",
+    "precond_probes": "Hutchinson probes per step (oasis)",
+    "precond_dtype": "encoding of the preconditioner state sent down and the statistic (or state) sent up "
+                     "(the server keeps float32)",
+    "precond_every": "send the preconditioner state every K rounds; clients reuse their cached copy in between",
+    "warmup_batches": "batches per client for the warm-up statistic",
+    "adam_beta1": "first-moment factor of adam, in [0, 1)",
+    "momentum": "heavy-ball momentum on g/D̂, in [0, 1) (the paper has none)",
+    "lr": "client step size γ (see README, Defaults)",
+    "server_lr": "server step size η (1 = FedAvg)",
+    "server_tau": "τ, the adaptivity of the server optimizers (fedadam, fedyogi, fedadagrad)",
+    "proximal_mu": "μ of fedprox's proximal term μ/2 ||x - x_round||²",
+    "partitioner": "dirichlet (by --dirichlet-alpha), iid, or shard (--shard-classes labels per client)",
+    "shard_classes": "labels per client with --partitioner shard",
+    "client_eval_every": "every K rounds, clients evaluate the model on their own held-out part (0: never)",
+    "local_epochs": "local epochs per round",
+    "batch_size": "client batch size",
+    "rounds": "number of rounds",
+    "num_clients": "number of clients (partitions)",
+    "clients_per_round": "clients sampled per round",
+    "dirichlet_alpha": "Dirichlet concentration of the label split (smaller = more heterogeneous)",
+    "dataset": "a bundled dataset, or data from files or a hub as KIND:PATH (idx:PATH is a folder)",
+    "label_column": "label column of csv/parquet files",
+    "test_path": "a separate test file (libsvm, csv, parquet)",
+    "eval_split": "test, or validation (20% of the training split; for choosing step sizes)",
+    "model": "the model",
+    "seed": "seed of every random choice (split, partition, init, batches, probes, sampling)",
+    "out": "output folder",
+    "wait_for_nodes_s": "how long the server waits for num-clients nodes before it gives up",
+    "min_successful_clients": "a round with fewer accepted replies changes nothing and is recorded as failed",
+    "checkpoint_every": "write a checkpoint every K rounds (0: never)",
 }
+
+
+def _number(value: object) -> str:
+    return f"{value:g}" if isinstance(value, float) else str(value)
+
+
+def _per_item(values: dict[str, object]) -> str:
+    """``{"adam": 1e-3, "oasis": 0.1, ...}`` -> ``"0.1 for oasis; 0.001 otherwise"`` (the most common value last)."""
+    groups: dict[str, list[str]] = {}
+    for name, value in values.items():
+        groups.setdefault(_number(value), []).append(name)
+    *rest, (common, _) = sorted(groups.items(), key=lambda item: -len(item[1]))[::-1]
+    return "; ".join([f"{value} for {', '.join(names)}" for value, names in rest] + [f"{common} otherwise"])
+
+
+def _lr_default() -> str:
+    """The client step size per method, and per rule and mode for the methods that take the rule's."""
+    groups: dict[str, list[str]] = {}
+    for name, method in METHODS.items():
+        if method.lr is not None:
+            groups.setdefault(_number(method.lr), []).append(name)
+    per_method = "; ".join(f"{lr} for {', '.join(names)}" for lr, names in groups.items())
+    by_rule = ", ".join(
+        f"{name} {'/'.join(_number(rule.default_lr[mode]) for mode in MODES)}"
+        for name, rule in RULES.items() if rule.default_lr is not None
+    )
+    return f"{per_method}; otherwise per rule ({'/'.join(MODES)}): {by_rule}"
+
+
+def _choices() -> dict[str, list[str]]:
+    """The valid values of every choice option, read from where they are defined."""
+    return {
+        "strategy": [f"{name} ({m.summary})" for name, m in METHODS.items()],
+        "precond": list(RULES),
+        "precond_mode": list(MODES),
+        "precond_init": list(run_config.INITS),
+        "precond_dtype": list(run_config.PRECOND_DTYPES),
+        "partitioner": list(run_config.PARTITIONERS),
+        "eval_split": list(run_config.EVAL_SPLITS),
+        "model": list(run_config.MODELS),
+        "dataset": [*run_config.BUNDLED, *(f"{kind}:PATH" for kind in run_config.FILE_KINDS)],
+    }
+
+
+def _computed_defaults() -> dict[str, str]:
+    """The defaults of the options whose ``RunConfig`` default is ``None`` or ``""`` (per method, rule, data)."""
+    return {
+        "precond": _per_item({name: m.default_precond for name, m in METHODS.items()}),
+        "precond_alpha": _per_item({name: rule.default_alpha for name, rule in RULES.items()}),
+        "lr": _lr_default(),
+        "server_lr": _per_item({name: m.server_lr for name, m in METHODS.items()}),
+        "clients_per_round": "all",
+        "model": "cnn for image data (digits, idx:), logreg otherwise",
+        "test_path": "20% of the data, stratified",
+        "out": "runs/<label>",
+    }
+
+
+def option_help() -> dict[str, str]:
+    """The help of every run option: its meaning, its choices and its default."""
+    choices, computed = _choices(), _computed_defaults()
+    text = {}
+    for field in fields(RunConfig):
+        parts = [DESCRIPTIONS[field.name]]
+        if field.name in choices:
+            parts.append(f"one of: {', '.join(choices[field.name])}")
+        default = computed.get(field.name, _number(field.default))
+        text[field.name] = f"{'; '.join(parts)}. Default: {default}"
+    return {name: line.replace("%", "%%") for name, line in text.items()}  # argparse formats help with %
+
+
+OVERWRITE_HELP = ("replace the results of another run in the output folder (without it such a folder is refused; "
+                  "the old files are kept until the new run has finished a round)")
 
 
 class OneLineParser(argparse.ArgumentParser):
@@ -76,12 +153,13 @@ def fail(message: str) -> None:
 
 
 def _add_run_options(parser: argparse.ArgumentParser, skip: set[str] = frozenset()) -> None:
+    help_text = option_help()
     for field in fields(RunConfig):
         if field.name in skip:
             continue
         # Every value is parsed by RunConfig, so that the command line, TOML
         # files and Flower's run config give the same errors.
-        parser.add_argument(f"--{RunConfig.key(field.name)}", dest=field.name, default=None, help=HELP.get(field.name))
+        parser.add_argument(f"--{RunConfig.key(field.name)}", dest=field.name, default=None, help=help_text[field.name])
 
 
 def _given(args: argparse.Namespace, skip: set[str] = frozenset()) -> dict[str, object]:
@@ -100,18 +178,6 @@ def _given(args: argparse.Namespace, skip: set[str] = frozenset()) -> dict[str, 
     return values
 
 
-def parse_label(label: str) -> dict[str, str]:
-    """``fedavg`` (or another baseline) or ``savic-<rule>-<mode>`` -> run options."""
-    if label in STRATEGIES and label != "savic":
-        return {"strategy": label}
-    parts = label.split("-")
-    if len(parts) == 3 and parts[0] == "savic" and parts[1] in RULES and parts[2] in MODES:
-        return {"strategy": "savic", "precond": parts[1], "precond-mode": parts[2]}
-    examples = ", ".join(DEFAULT_COMPARE)
-    baselines = "|".join(s for s in STRATEGIES if s != "savic")
-    raise ConfigError(f"unknown configuration {label!r}; use {baselines} or savic-<{'|'.join(RULES)}>-<global|local>, e.g. {examples}")
-
-
 def _add_backend(parser: argparse.ArgumentParser, default: str | None = "simulation") -> None:
     from flwr_scaling.run.inprocess import BACKENDS
 
@@ -128,14 +194,18 @@ def build_parser() -> argparse.ArgumentParser:
     run = sub.add_parser("run", help="run one configuration", allow_abbrev=False)
     run.add_argument("--config", help="TOML file of options (kebab-case keys); command-line options override it")
     run.add_argument("--resume", metavar="DIR", help="continue the run in DIR from its last checkpoint")
+    run.add_argument("--overwrite", action="store_true", help=OVERWRITE_HELP)
     _add_run_options(run)
     run.add_argument("--verbose", action="store_true", help="show Flower's and Ray's logs")
     _add_backend(run)
     compare = sub.add_parser("compare", help="run several configurations on the same partition and seed",
                              allow_abbrev=False)
     compare.add_argument("--configs", default=",".join(DEFAULT_COMPARE),
-                         help=f"comma-separated: fedavg, savic-<rule>-<mode>. Default: {','.join(DEFAULT_COMPARE)}")
+                         help=f"comma-separated labels: a method ({', '.join(n for n, m in METHODS.items() if not m.scaled)}) "
+                              f"or {' or '.join(f'{n}-<rule>-<mode>' for n, m in METHODS.items() if m.scaled)}. "
+                              f"Default: {','.join(DEFAULT_COMPARE)}")
     compare.add_argument("--out", default="runs/compare", help="output folder. Default: runs/compare")
+    compare.add_argument("--overwrite", action="store_true", help=OVERWRITE_HELP)
     compare.add_argument("--target-accuracy", default="0.9", help="accuracy whose first round is reported. Default: 0.9")
     compare.add_argument("--config", help="TOML file of the common options; command-line options override it")
     _add_run_options(compare, skip=COMPARE_FIXED)
@@ -203,9 +273,13 @@ def _run(args: argparse.Namespace) -> None:
     else:
         cfg = RunConfig.from_mapping(_given(args)).resolved()
     check_output_folder(cfg.out)
-    preflight(cfg)
-    start = time.perf_counter()
-    rows = runner_for(args.backend)(cfg, verbose=args.verbose, resume=checkpoint)
+    if args.overwrite and checkpoint is not None:
+        raise ConfigError("--overwrite and --resume exclude each other: a resumed run keeps its folder's results")
+    # The folder is locked and checked before the preflight, so a busy folder fails at once.
+    with claim_output(cfg.out, overwrite=args.overwrite, resume=checkpoint is not None):
+        preflight(cfg)
+        start = time.perf_counter()
+        rows = runner_for(args.backend)(cfg, verbose=args.verbose, resume=checkpoint)
     print(f"done in {time.perf_counter() - start:.1f} s: final test accuracy {rows[-1]['test_accuracy']:.3f}; "
           f"results in {cfg.out}/ (config.json, metrics.csv)")
 
@@ -230,18 +304,23 @@ def _compare(args: argparse.Namespace) -> None:
     for label in labels:
         cfg = RunConfig.from_mapping({**common, **parse_label(label)})
         configs[label] = replace(cfg, out=str(out / label)).resolved()
-    for cfg in configs.values():  # every configuration is checked before the first one runs
-        check_output_folder(cfg.out)
-        preflight(cfg)
-    start = time.perf_counter()
-    runs = {}
-    for index, (label, cfg) in enumerate(configs.items(), start=1):
-        print(f"== [{index}/{len(configs)}] {label} (lr {cfg.lr:g}) ==", flush=True)
-        runs[label] = runner_for(args.backend)(cfg, verbose=args.verbose)
-    first = next(iter(configs.values()))
-    title = (f"{first.dataset}, {first.model}, {first.num_clients} clients, Dirichlet {first.dirichlet_alpha:g}, "
-             f"{first.local_epochs} local epoch(s), seed {first.seed}")
-    write_compare_report(out, runs, {label: cfg.lr for label, cfg in configs.items()}, target, title)
+    check_output_folder(str(out))
+    with contextlib.ExitStack() as claims:  # every folder is claimed and checked before the first run
+        claims.enter_context(claim_output(out, overwrite=args.overwrite, what="compare",
+                                          results=("summary.md",), outputs=("summary.md", "accuracy.png")))
+        for cfg in configs.values():
+            check_output_folder(cfg.out)
+            claims.enter_context(claim_output(cfg.out, overwrite=args.overwrite))
+            preflight(cfg)
+        start = time.perf_counter()
+        runs = {}
+        for index, (label, cfg) in enumerate(configs.items(), start=1):
+            print(f"== [{index}/{len(configs)}] {label} (lr {cfg.lr:g}) ==", flush=True)
+            runs[label] = runner_for(args.backend)(cfg, verbose=args.verbose)
+        first = next(iter(configs.values()))
+        title = (f"{first.dataset}, {first.model}, {first.num_clients} clients, Dirichlet {first.dirichlet_alpha:g}, "
+                 f"{first.local_epochs} local epoch(s), seed {first.seed}")
+        write_compare_report(out, runs, {label: cfg.lr for label, cfg in configs.items()}, target, title)
     print((out / "summary.md").read_text(encoding="utf-8"))
     print(f"done in {time.perf_counter() - start:.1f} s; summary in {out}/summary.md, plot in {out}/accuracy.png")
 

@@ -28,12 +28,17 @@ from flwr.supercore.task_identity import TaskIdentity
 from torch import nn
 
 from flwr_scaling.run.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
-from flwr_scaling.run.config import BASELINE_LR, STRATEGIES, RunConfig
+from flwr_scaling.run.config import RunConfig
 from flwr_scaling.server_app import make_strategy
 from flwr_scaling.clients.settings import train_settings
 from flwr_scaling.strategies import Savic
 from flwr_scaling.strategies.fedopt import FlowerServerStep, ServerOptimizer
 from flwr_scaling.core.local_sgd import TrainSettings, train_local_adam, train_scaled
+
+# The registered methods (flwr_scaling.methods.METHODS) and the baselines' client step
+# sizes, pinned here: those of the measured baselines in the design notes (targets.md).
+STRATEGIES = ("fedavg", "savic", "fedadam", "fedyogi", "fedadagrad", "fedprox", "local-adam")
+BASELINE_LR = {"fedadam": 0.05, "fedyogi": 0.05, "fedadagrad": 0.05, "fedprox": 0.4, "local-adam": 0.01}
 
 try:
     from .fakes import FakeGrid, as_numpy, record, train_reply

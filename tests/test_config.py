@@ -14,10 +14,10 @@ from pathlib import Path
 
 import pytest
 
+from flwr_scaling.core.rules import RULES
 from flwr_scaling.run import config as config_module
 from flwr_scaling.run.config import (
     DATASET_SIZES,
-    DEFAULT_LR,
     ConfigError,
     RunConfig,
     check_output_folder,
@@ -123,14 +123,14 @@ def test_savic_defaults():
 
 def test_oasis_defaults():
     cfg = RunConfig(precond="oasis").resolved()
-    assert cfg.precond_alpha == 0.1 and cfg.lr == DEFAULT_LR[("oasis", "global")]
+    assert cfg.precond_alpha == 0.1 and cfg.lr == RULES["oasis"].default_lr["global"] == 0.03
 
 
 @pytest.mark.parametrize("rule", ["identity", "adagrad", "rmsprop", "adam", "oasis"])
 @pytest.mark.parametrize("mode", ["global", "local"])
 def test_default_lr_per_rule_and_mode(rule, mode):
     cfg = RunConfig(precond=rule, precond_mode=mode).resolved()
-    assert cfg.lr == DEFAULT_LR[(rule, mode)] > 0
+    assert cfg.lr == RULES[rule].default_lr[mode] > 0
 
 
 def test_given_values_win_over_defaults():

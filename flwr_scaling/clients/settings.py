@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from flwr_scaling.run.config import RunConfig
 from flwr_scaling.core.local_sgd import TrainSettings
+from flwr_scaling.methods import get_method
 
 
 def train_settings(config: RunConfig) -> TrainSettings:
@@ -18,5 +19,5 @@ def train_settings(config: RunConfig) -> TrainSettings:
         adam_beta1=cfg.adam_beta1,
         momentum=cfg.momentum,
         num_probes=cfg.precond_probes,
-        proximal_mu=cfg.proximal_mu if cfg.strategy == "fedprox" else 0.0,
+        proximal_mu=cfg.proximal_mu if get_method(cfg.strategy).proximal else 0.0,
     )

@@ -16,9 +16,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from flwr_scaling.core.rules import STAT_GRAD_SQUARED, STAT_HUTCHINSON, ScalingRule, diagonal_bounds, get_rule, ones_like
-
-MODES = ("global", "local")
+# MODES is defined with the rules (their default step size is per mode) and kept importable from here.
+from flwr_scaling.core.rules import MODES, STAT_GRAD_SQUARED, STAT_HUTCHINSON, ScalingRule, diagonal_bounds, get_rule
 Tensors = dict[str, torch.Tensor]
 
 
@@ -259,7 +258,7 @@ def train_scaled(
 
     current: Tensors | None = None
     if rule.has_state:
-        current = dict(state) if state is not None else ones_like({n: p.detach() for n, p in named.items()})
+        current = dict(state) if state is not None else rule.init({n: p.detach() for n, p in named.items()})
         missing = set(names) - set(current)
         if missing:
             raise ValueError(f"the preconditioner state lacks parameters {sorted(missing)}")

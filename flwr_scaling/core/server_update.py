@@ -8,7 +8,7 @@ from collections.abc import Mapping, Sequence
 import numpy as np
 
 from flwr_scaling.core.arrays import weighted_average
-from flwr_scaling.core.rules import ScalingRule, ones_like
+from flwr_scaling.core.rules import ScalingRule
 
 NumpyArrays = dict[str, np.ndarray]
 
@@ -49,7 +49,7 @@ def state_from_average(
     """
     if mode == "local":
         return dict(average)
-    current = dict(state) if state is not None else ones_like(average)
+    current = dict(state) if state is not None else rule.init(average)
     updated = rule.update(current, average, beta)
     return {k: np.asarray(v, dtype=np.float32) for k, v in updated.items()}
 

@@ -18,13 +18,10 @@ from flwr_scaling.protocol.wire import DTYPES as PRECOND_DTYPES
 from flwr_scaling.data.federated import EVAL_SPLITS, MIN_PARTITION_SIZE, PARTITIONERS, TEST_FRACTION, DataSpec, PartitionSpec
 from flwr_scaling.data.sources import BUNDLED, FILE_KINDS, DataError, check_spec
 from flwr_scaling.core.models import MODELS
-from flwr_scaling.core.rules import RULES
-from flwr_scaling.core.local_sgd import MODES
+from flwr_scaling.core.rules import MODES, RULES, get_rule
+from flwr_scaling.errors import ConfigError
+from flwr_scaling.methods import METHODS, get_method
 
-STRATEGIES = ("fedavg", "savic", "fedadam", "fedyogi", "fedadagrad", "fedprox", "local-adam")
-# Baselines: the client runs plain SGD (local-adam: torch Adam from a fresh
-# state every round) and never a preconditioner.
-SERVER_OPTIMIZERS = ("fedadam", "fedyogi", "fedadagrad")  # Flower's FedOpt family (Reddi et al. 2020)
 INITS = ("warmup", "ones")
 
 # Examples in the bundled scikit-learn datasets (fixed; tests/test_config.py
@@ -36,35 +33,13 @@ DATASET_SIZES = {"digits": 1797, "breast_cancer": 569, "wine": 178}
 INT_MAX = 2**63 - 1
 SEED_MAX = 2**32 - 1
 
-# Step sizes chosen on a validation split of the default problem (digits, CNN,
-# 10 clients, Dirichlet 0.5, 1 local epoch, batch 32, 30 rounds) by
-# experiments/tune_defaults.py; oasis's alpha follows the design note's
-# measurement. A user-given value always wins.
-DEFAULT_LR = {
-    ("identity", "global"): 0.4,
-    ("identity", "local"): 0.4,
-    ("adagrad", "global"): 0.003,
-    ("adagrad", "local"): 0.03,
-    ("rmsprop", "global"): 0.003,
-    ("rmsprop", "local"): 0.01,
-    ("adam", "global"): 0.003,
-    ("adam", "local"): 0.01,
-    ("oasis", "global"): 0.03,
-    ("oasis", "local"): 0.03,
-}
-# Baselines' client step sizes: those of the measured baselines in the design
-# notes (targets.md), not tuned here yet.
-BASELINE_LR = {"fedadam": 0.05, "fedyogi": 0.05, "fedadagrad": 0.05, "fedprox": 0.4, "local-adam": 0.01}
-DEFAULT_ALPHA = {"identity": 1e-3, "adagrad": 1e-3, "rmsprop": 1e-3, "adam": 1e-3, "oasis": 0.1}
-
-
-class ConfigError(ValueError):
-    """A bad option: the message is one line that says what is wrong and what to do."""
-
-
 @dataclass(frozen=True)
 class RunConfig:
-    """Every option of one run. ``None`` means "the measured default for this method"."""
+    """Every option of one run. ``None`` means "the measured default for this method".
+
+    Those defaults are read from the method's entry (``flwr_scaling.methods.METHODS``)
+    and the rule's (``flwr_scaling.core.rules.RULES``) by ``resolved()``.
+    """
 
     strategy: str = "savic"
     precond: str | None = None
@@ -134,14 +109,16 @@ class RunConfig:
     def resolved(self) -> RunConfig:
         """Fill every ``None`` with its documented default; validate first."""
         self.validate()
-        precond = self.precond or ("adam" if self.strategy == "savic" else "identity")
+        method = get_method(self.strategy)
+        precond = self.precond or method.default_precond
+        rule = get_rule(precond)
         model = self.model or ("cnn" if _is_image(self.dataset) else "logreg")
         return replace(
             self,
             precond=precond,
-            precond_alpha=self.precond_alpha if self.precond_alpha is not None else DEFAULT_ALPHA[precond],
-            lr=self.lr if self.lr is not None else BASELINE_LR.get(self.strategy, DEFAULT_LR[(precond, self.precond_mode)]),
-            server_lr=self.server_lr if self.server_lr is not None else (0.1 if self.strategy in SERVER_OPTIMIZERS else 1.0),
+            precond_alpha=self.precond_alpha if self.precond_alpha is not None else rule.default_alpha,
+            lr=self.lr if self.lr is not None else method.default_lr(rule, self.precond_mode),
+            server_lr=self.server_lr if self.server_lr is not None else method.server_lr,
             clients_per_round=self.clients_per_round or self.num_clients,
             model=model,
             out=self.out or f"runs/{self.label(precond)}",
@@ -158,23 +135,21 @@ class RunConfig:
         )
 
     def label(self, precond: str | None = None) -> str:
-        """A short name for plots and folders, e.g. ``savic-adam-global``."""
-        precond = precond or self.precond or ("adam" if self.strategy == "savic" else "identity")
-        if self.strategy != "savic":
+        """A short name for plots and folders, e.g. ``savic-adam-global`` (see ``Method.label``)."""
+        method = METHODS.get(self.strategy)
+        if method is None:  # not validated yet: the name is all there is
             return self.strategy
-        if precond == "identity":
-            return "fedavg"
-        return f"savic-{precond}-{self.precond_mode}"
+        return method.label(precond or self.precond or method.default_precond, self.precond_mode)
 
     # ------------------------------------------------------------ validation
     def validate(self) -> None:
         """Raise ConfigError (one line) on the first bad option."""
         for field in fields(self):
             _check_type(self.key(field.name), getattr(self, field.name), str(field.type))
-        _choice("strategy", self.strategy, STRATEGIES)
+        _choice("strategy", self.strategy, METHODS)
         if self.precond is not None:
             _choice("precond", self.precond, RULES)
-            if self.strategy != "savic" and self.precond != "identity":
+            if not METHODS[self.strategy].scaled and self.precond != "identity":
                 raise ConfigError(
                     f"strategy {self.strategy!r} is a baseline and takes no preconditioner; "
                     f"use --strategy savic with --precond {self.precond}"

@@ -17,7 +17,8 @@ from flwr_scaling.core.server_update import next_model, next_state, warmup_state
 from flwr_scaling.core.arrays import numpy_to_torch, torch_to_numpy, weighted_average
 from flwr_scaling.protocol.wire import decode, encode
 from flwr_scaling.clients.logic import client_partition, local_round, local_statistic
-from flwr_scaling.run.config import SERVER_OPTIMIZERS, RunConfig
+from flwr_scaling.run.config import RunConfig
+from flwr_scaling.methods import get_method
 from flwr_scaling.data.federated import load_federated_data
 from flwr_scaling.core.rules import diagonal_bounds, get_rule
 from flwr_scaling.core.seeding import derived_seed, initial_model
@@ -64,10 +65,11 @@ def run_serial(config: RunConfig, exclude: frozenset[int] = frozenset()) -> tupl
     state = None
     sent = None  # the state as the clients hold it: of the last refresh round, through the encoding
     server_step = None
-    if cfg.strategy in SERVER_OPTIMIZERS:  # Flower's own FedAdam / FedYogi / FedAdagrad update
+    optimizer = get_method(cfg.strategy).server_optimizer
+    if optimizer is not None:  # Flower's own FedAdam / FedYogi / FedAdagrad update
         from flwr_scaling.strategies.fedopt import FlowerServerStep
 
-        server_step = FlowerServerStep(cfg.strategy, eta=cfg.server_lr, tau=cfg.server_tau, eta_l=cfg.lr)
+        server_step = FlowerServerStep(optimizer, eta=cfg.server_lr, tau=cfg.server_tau, eta_l=cfg.lr)
     rows = []
     for server_round in range(1, cfg.rounds + 1):
         start = time.perf_counter()
