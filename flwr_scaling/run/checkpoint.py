@@ -8,12 +8,13 @@ previous checkpoint or the new one, never half of one.
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from flwr_scaling.run.outdir import atomic_file
 
 CHECKPOINT = "checkpoint.npz"
 
@@ -56,13 +57,9 @@ def save_checkpoint(out_dir: str | Path, checkpoint: Checkpoint) -> Path:
     arrays = {f"model/{k}": v for k, v in checkpoint.model.items()}
     arrays.update({f"precond/{k}": v for k, v in (checkpoint.precond_state or {}).items()})
     arrays.update({f"broadcast/{k}": v for k, v in (checkpoint.broadcast_state or {}).items()})
-    tmp = out / f".{CHECKPOINT}.tmp"
-    with open(tmp, "wb") as handle:
-        np.savez(handle, meta=np.array(json.dumps(meta)), **arrays)
-        handle.flush()
-        os.fsync(handle.fileno())
     final = out / CHECKPOINT
-    os.replace(tmp, final)
+    with atomic_file(final, fsync=True) as handle:  # fsync: a checkpoint must survive a crash of the machine
+        np.savez(handle, meta=np.array(json.dumps(meta)), **arrays)
     return final
 
 

@@ -5,11 +5,13 @@ from __future__ import annotations
 import csv
 import io
 import json
-import os
 import sys
 import time
 from pathlib import Path
 from typing import Any
+
+# write_atomic is imported from here by the studies too: every output goes through outdir.
+from flwr_scaling.run.outdir import write_atomic
 
 COLUMNS = (
     "round",
@@ -28,13 +30,6 @@ COLUMNS = (
     "client_acc_worst10",
     "f_gap",  # f(x) - f* of the convex logreg objective (objective.py); blank for other models
 )
-
-
-def write_atomic(path: Path, text: str) -> None:
-    """Write to a temporary file beside ``path``, then rename: readers never see half a file."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
 
 
 def read_metrics(path: str | Path) -> list[dict[str, float]]:
