@@ -100,7 +100,7 @@ class FakeRunner:
 @pytest.fixture
 def fast_plots(monkeypatch):
     """The run and skip tests need the tables, not the pictures (matplotlib takes most of a report's time)."""
-    monkeypatch.setattr("flwr_scaling.studies.sweep.plot_seed_groups", lambda groups, path, **kwargs: path.write_bytes(b"png"))
+    monkeypatch.setattr("flwr_scaling.studies.plots.plot_seed_groups", lambda groups, path, **kwargs: path.write_bytes(b"png"))
 
 
 def sweep_file(tmp_path: Path, text: str = SWEEP, name: str = "study.toml") -> Path:

@@ -1,232 +1,273 @@
-"""Summaries and plots of finished runs, computed from their ``metrics.csv`` alone."""
+"""Reports of finished runs: one pipeline for ``compare`` and for sweeps (``sweep``, ``report``).
+
+Both commands turn their runs into groups (``outcomes.Group``: runs that differ
+only in their seed; one run each for ``compare``), summarise every group with
+``seed_group_summary`` and write ``summary.md`` with ``write_summary``. The
+layouts differ only where the commands do: ``compare`` has one run per row
+(``per_seed=False``: the first round reaching the target, no seed count), a
+sweep a group of seeds per row (means ± std, how many seeds reached the
+target, optional columns). ``compare`` draws ``accuracy.png`` with two panels;
+a sweep adds ``results.csv``, ``summary.csv`` and one figure per quantity.
+Only metrics.csv files (and a sweep's ``sweep.json`` and DONE markers) are read;
+regenerating a report gives the same bytes.
+"""
 
 from __future__ import annotations
 
+import csv
+import io
+import json
 import math
+import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
-from flwr_scaling.run.recorder import write_atomic
+from flwr_scaling.run.config import ConfigError, RunConfig
+from flwr_scaling.run.recorder import read_metrics, write_atomic
+from flwr_scaling.studies.outcomes import Group, Rows, seed_group_summary
+from flwr_scaling.studies.plan import METHOD, SEED, first_line, run_name, value_text
+from flwr_scaling.studies.plots import plot_accuracy, plot_sweep
+from flwr_scaling.studies.state import METRICS, RUNS, SWEEP_JSON, is_finished
 
-
-def first_round_reaching(rows: Sequence[Mapping[str, float]], target: float) -> int | None:
-    return next((int(r["round"]) for r in rows if r["test_accuracy"] >= target), None)
-
-
-def megabytes_until(rows: Sequence[Mapping[str, float]], last_round: int | None = None) -> float:
-    """Megabytes sent down and up in rounds 1..last_round (all rounds if ``None``)."""
-    chosen = [r for r in rows if last_round is None or r["round"] <= last_round]
-    return sum(r["bytes_down"] + r["bytes_up"] for r in chosen) / 1e6
-
-
-def summary_rows(runs: Mapping[str, Sequence[Mapping[str, float]]], target: float) -> list[dict[str, object]]:
-    table = []
-    for label, rows in runs.items():
-        reached = first_round_reaching(rows, target)
-        table.append(
-            {
-                "run": label,
-                "final_accuracy": rows[-1]["test_accuracy"],
-                "best_accuracy": max(r["test_accuracy"] for r in rows),
-                "rounds": int(rows[-1]["round"]),
-                "round_to_target": reached,
-                "mb_to_target": megabytes_until(rows, reached) if reached is not None else None,
-                "mb_total": megabytes_until(rows),
-                "max_gamma_over_alpha": max(r["precond_max"] / r["precond_min"] for r in rows),
-            }
-        )
-    return table
+Summary = list[tuple[Group, dict[str, Any]]]  # each group with its seed_group_summary
+# summary.csv: the statistics after the group's cells and seeds, in this order.
+STATISTICS = ["n_seeds", "final_accuracy_mean", "final_accuracy_std", "best_accuracy_mean", "best_accuracy_std",
+              "target_accuracy", "rounds_to_target_mean", "reached_target", "mb_to_target_mean", "mb_total_mean",
+              "max_gamma_over_alpha", "final_gap_mean", "final_gap_std", "final_worst10_mean", "final_worst10_std"]
+# What decides a run's partition of the data (a partition does not depend on the method).
+PARTITION_KEYS = ("dataset", "test-path", "partitioner", "dirichlet-alpha", "shard-classes", "num-clients",
+                  "client-eval-every", "eval-split", "seed")
 
 
-def summary_markdown(runs: Mapping[str, Sequence[Mapping[str, float]]], target: float, lrs: Mapping[str, float]) -> str:
-    lines = [
-        f"| run | lr | final acc | best acc | first round >= {target:g} | MB to {target:g} | MB total | max Γ/α |",
-        "|---|---|---|---|---|---|---|---|",
-    ]
-    for row in summary_rows(runs, target):
-        reached = "never" if row["round_to_target"] is None else str(row["round_to_target"])
-        mb_target = "-" if row["mb_to_target"] is None else f"{row['mb_to_target']:.2f}"
-        lines.append(
-            f"| {row['run']} | {lrs.get(row['run'], float('nan')):g} | {row['final_accuracy']:.3f} | "
-            f"{row['best_accuracy']:.3f} | {reached} | {mb_target} | {row['mb_total']:.2f} | "
-            f"{row['max_gamma_over_alpha']:.3g} |"
-        )
-    return "\n".join(lines) + "\n"
+# ------------------------------------------------------------------ tables
+def summarise(groups: Sequence[Group], target: float) -> Summary:
+    """Every group with its statistics (``seed_group_summary``)."""
+    return [(group, seed_group_summary(group.runs, target)) for group in groups]
 
 
-def plot_accuracy(runs: Mapping[str, Sequence[Mapping[str, float]]], path: Path, title: str, target: float) -> None:
-    """Test accuracy against rounds and against megabytes communicated, one line per run."""
-    import matplotlib
+def summary_table(summary: Summary, target: float, *, per_seed: bool) -> list[str]:
+    """The Markdown table of ``summary.md``, one line per group.
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    ``per_seed=False`` (``compare``): accuracies and the first round reaching
+    ``target`` of each single run. ``per_seed=True`` (sweeps): a seeds column,
+    means ± std, rounds to ``target`` with how many seeds reached it, and the
+    optional columns (f − f*, worst clients' accuracy) that every group has.
+    """
+    cells_header = list(summary[0][0].cells) if summary else []
+    reach = f"rounds to {target:g}" if per_seed else f"first round >= {target:g}"
+    header = [*cells_header, *(["seeds"] if per_seed else []), "final acc", "best acc", reach,
+              f"MB to {target:g}", "MB total", "max Γ/α"]
+    extras = [(key, title) for key, title in (("final_gap", "final f − f*"), ("final_worst10", "final worst-10 % client acc"))
+              if per_seed and all(stats[f"{key}_mean"] is not None for _, stats in summary)]
+    header += [title for _, title in extras]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for group, stats in summary:
+        n, reached = stats["n_seeds"], stats["reached_target"]
+        if per_seed:
+            rounds_text = ("never" if not reached else _fixed(stats["rounds_to_target_mean"], 1)) + f" ({reached}/{n})"
+        else:
+            rounds_text = "never" if not reached else str(int(stats["rounds_to_target_mean"]))
+        cells = [*group.cells.values(), *([str(n)] if per_seed else []),
+                 _pm(stats["final_accuracy_mean"], stats["final_accuracy_std"]),
+                 _pm(stats["best_accuracy_mean"], stats["best_accuracy_std"]),
+                 rounds_text,
+                 "-" if stats["mb_to_target_mean"] is None else _fixed(stats["mb_to_target_mean"], 2),
+                 _fixed(stats["mb_total_mean"], 2),
+                 f"{stats['max_gamma_over_alpha']:.3g}"]
+        for key, _ in extras:
+            mean, std = stats[f"{key}_mean"], stats[f"{key}_std"]
+            cells.append(f"{mean:.3g}" + ("" if std is None else f" ± {std:.2g}") if key == "final_gap"
+                         else _pm(mean, std))
+        lines.append("| " + " | ".join(cells) + " |")
+    return lines
 
-    fig, (by_round, by_bytes) = plt.subplots(1, 2, figsize=(11, 4.2), sharey=True)
-    for label, rows in runs.items():
-        rounds = [r["round"] for r in rows]
-        accuracy = [r["test_accuracy"] for r in rows]
-        cumulative, total = [], 0.0
-        for r in rows:
-            total += (r["bytes_down"] + r["bytes_up"]) / 1e6
-            cumulative.append(total)
-        (line,) = by_round.plot(rounds, accuracy, marker="o", markersize=3, label=label)
-        by_bytes.plot(cumulative, accuracy, marker="o", markersize=3, color=line.get_color(), label=label)
-    for axis, xlabel in ((by_round, "round"), (by_bytes, "MB communicated (down + up)")):
-        axis.axhline(target, color="grey", linestyle=":", linewidth=1)
-        axis.set_xlabel(xlabel)
-        axis.grid(alpha=0.3)
-    by_round.set_ylabel("test accuracy")
-    low = min(min(r["test_accuracy"] for r in rows) for rows in runs.values())
-    by_round.set_ylim(max(0.0, math.floor(low * 10) / 10), 1.0)
-    by_round.legend(loc="lower right")
-    fig.suptitle(title)
-    fig.tight_layout()
-    tmp = path.with_name(f".{path.stem}.tmp.png")
-    fig.savefig(tmp, dpi=120)
-    plt.close(fig)
-    tmp.replace(path)
+
+def write_summary(out: Path, title: str, summary: Summary, target: float, *, per_seed: bool,
+                  context: str = "", notes: Sequence[str] = ()) -> None:
+    """``summary.md``: the title, the shared setting (``context``), the table, then each note as a paragraph."""
+    lines = [f"# {title}", ""] + ([context, ""] if context else [])
+    lines += summary_table(summary, target, per_seed=per_seed)
+    for note in notes:
+        lines += ["", note]
+    write_atomic(out / "summary.md", "\n".join(lines) + "\n")
 
 
-def write_compare_report(
-    out: Path, runs: Mapping[str, Sequence[Mapping[str, float]]], lrs: Mapping[str, float], target: float, title: str
-) -> None:
-    text = f"# {title}\n\n" + summary_markdown(runs, target, lrs)
-    write_atomic(out / "summary.md", text)
+# ----------------------------------------------------------------- compare
+def write_compare_report(out: Path, runs: Mapping[str, Rows], lrs: Mapping[str, float], target: float,
+                         title: str) -> None:
+    """``compare``'s ``summary.md`` (one row per configuration) and ``accuracy.png`` in ``out``.
+
+    ``runs`` maps each configuration's label to its metrics rows, ``lrs`` to its step size.
+    """
+    groups = [Group(label, {"run": label, "lr": _number(lrs.get(label, math.nan))}, [rows])
+              for label, rows in runs.items()]
+    write_summary(out, title, summarise(groups, target), target, per_seed=False)
     plot_accuracy(runs, out / "accuracy.png", title, target)
 
 
-# ------------------------------------------------------------ seed groups (sweeps)
-def seed_group_summary(runs: Sequence[Sequence[Mapping[str, float]]], target: float) -> dict[str, object]:
-    """Statistics over runs that differ only in their seed (each a list of ``metrics.csv`` rows).
+# ------------------------------------------------------------------- sweeps
+def write_sweep_report(out_dir: str | Path) -> None:
+    """Tables and plots of the finished runs in the sweep folder ``out_dir``. Only reads; never runs anything.
 
-    Means and sample standard deviations (n - 1; ``None`` for one run) of the
-    final and the best test accuracy; rounds and MB to ``target`` averaged
-    over the runs that reached it (``None`` if none did) and how many did;
-    mean total MB; the largest precond_max / precond_min of any round and run.
+    Writes (atomically) ``results.csv`` (one row per run and round: the grid
+    values, then every metrics.csv column), ``summary.csv`` and ``summary.md``
+    (one row per group of runs that differ only in their seed) and
+    ``accuracy.png``, ``accuracy_vs_mb.png``, ``gamma_over_alpha.png``. The
+    tables depend on the run files alone: regenerating them gives the same bytes.
     """
-    import statistics
+    out = Path(out_dir)
+    name, target, grid, runs = _read_plan(out)
+    done = [is_finished(out / RUNS / run["name"], run["config"]) for run in runs]
+    finished = [run for run, ok in zip(runs, done) if ok]
+    missing = [run["name"] for run, ok in zip(runs, done) if not ok]
+    if not finished:
+        raise ConfigError(f"{out}: no finished runs yet (0 of {len(runs)}); nothing to report")
+    rows = {run["name"]: read_metrics(out / RUNS / run["name"] / METRICS) for run in finished}
+    _write_results(out, list(grid), finished)
 
-    def spread(values: list[float]) -> float | None:
-        return statistics.stdev(values) if len(values) > 1 else None
+    group_keys = [key for key in grid if key != SEED]
+    summary = summarise(_seed_groups(finished, rows, grid, group_keys), target)
+    seeds_of = {group.label: " ".join(map(str, group.seeds)) for group, _ in summary}
+    csv_rows = [{**group.cells, "seeds": seeds_of[group.label], "target_accuracy": _number(target),
+                 **{key: _number(value) for key, value in stats.items()}} for group, stats in summary]
+    columns = [*(summary[0][0].cells), "seeds", *STATISTICS]
+    write_atomic(out / "summary.csv", _csv(columns, csv_rows))
 
-    finals = [rows[-1]["test_accuracy"] for rows in runs]
-    bests = [max(r["test_accuracy"] for r in rows) for rows in runs]
-    reached = [(round_, megabytes_until(rows, round_)) for rows in runs
-               if (round_ := first_round_reaching(rows, target)) is not None]
-    return {
-        "n_seeds": len(runs),
-        "final_accuracy_mean": statistics.fmean(finals),
-        "final_accuracy_std": spread(finals),
-        "best_accuracy_mean": statistics.fmean(bests),
-        "best_accuracy_std": spread(bests),
-        "rounds_to_target_mean": statistics.fmean(r for r, _ in reached) if reached else None,
-        "reached_target": len(reached),
-        "mb_to_target_mean": statistics.fmean(mb for _, mb in reached) if reached else None,
-        "mb_total_mean": statistics.fmean(megabytes_until(rows) for rows in runs),
-        "max_gamma_over_alpha": max(_gamma_over_alpha(r) for rows in runs for r in rows),
-        # Convex problems (logreg): the optimality gap f(x) - f* after the last round.
-        "final_gap_mean": statistics.fmean(gaps) if (gaps := _finals(runs, "f_gap")) else None,
-        "final_gap_std": spread(gaps) if gaps else None,
-        # Runs with client evaluation: the worst-10 % clients' accuracy at the last evaluated round.
-        "final_worst10_mean": statistics.fmean(worst) if (worst := _finals(runs, "client_acc_worst10")) else None,
-        "final_worst10_std": spread(worst) if worst else None,
-    }
-
-
-def _finals(runs: Sequence[Sequence[Mapping[str, float]]], column: str) -> list[float]:
-    """Each run's last finite value of ``column``; empty unless every run has one."""
-    import math
-
-    finals = []
-    for rows in runs:
-        values = [row[column] for row in rows if math.isfinite(row.get(column, math.nan))]
-        if not values:
-            return []
-        finals.append(values[-1])
-    return finals
+    context = _common_context([run["config"] for run in runs])
+    notes = [f"Mean ± sample standard deviation (n − 1) over seeds. Rounds and MB to {target:g}: first round whose "
+             f"test accuracy is >= {target:g}, mean over the seeds that reached it (how many in brackets). MB: bytes "
+             f"sent down and up (10^6). Γ/α: largest precond_max / precond_min over rounds and seeds."]
+    partitions = _collect_partition_plots(out, finished)
+    if partitions:
+        notes.append("Label distribution of each client (one heatmap per distinct partition): "
+                     + ", ".join(f"[{name}](partitions/{name}.png)" for name in partitions))
+    if missing:
+        notes.append(f"Not finished ({len(missing)} of {len(runs)} runs): " + ", ".join(missing))
+    write_summary(out, f"Sweep {name}", summary, target, per_seed=True, context=context, notes=notes)
+    plot_sweep(out, name, [group for group, _ in summary], grid[group_keys[0]] if group_keys else [], target, context)
 
 
-def _gamma_over_alpha(row: Mapping[str, float]) -> float:
-    return row["precond_max"] / row["precond_min"] if row["precond_min"] > 0 else math.inf
+def _read_plan(out: Path) -> tuple[str, float, dict[str, list[Any]], list[dict[str, Any]]]:
+    """The sweep's name, target accuracy, grid and planned runs, from its ``sweep.json``."""
+    spec_file = out / SWEEP_JSON
+    if not spec_file.is_file():
+        raise ConfigError(f"{out} is not a sweep folder: {SWEEP_JSON} is missing (run the sweep first)")
+    try:
+        spec = json.loads(spec_file.read_text(encoding="utf-8"))
+        target = float(spec["target-accuracy"])
+        grid = {key: list(values) for key, values in spec["grid"].items()}
+        runs = list(spec["runs"])
+        name = str(spec.get("name", out.name))
+    except (ValueError, KeyError, TypeError, AttributeError) as problem:
+        raise ConfigError(f"{spec_file} is not a sweep description: {first_line(problem)}") from None
+    return name, target, grid, runs
 
 
-def _series(rows: Sequence[Mapping[str, float]], name: str) -> list[float]:
-    if name == "mb":  # cumulative megabytes after each round
-        total, values = 0.0, []
-        for r in rows:
-            total += (r["bytes_down"] + r["bytes_up"]) / 1e6
-            values.append(total)
-        return values
-    if name == "gamma_over_alpha":
-        return [_gamma_over_alpha(r) for r in rows]
-    return [float(r[name]) for r in rows]
+def _write_results(out: Path, keys: Sequence[str], finished: Sequence[Mapping[str, Any]]) -> None:
+    """``results.csv``: every round of every finished run, the metrics as written (no re-formatting),
+    the run's name and grid values in front."""
+    metric_columns: list[str] = []
+    result_rows = []
+    for run in finished:
+        with open(out / RUNS / run["name"] / METRICS, newline="", encoding="utf-8") as handle:
+            reader = csv.DictReader(handle)
+            metric_columns += [c for c in reader.fieldnames or [] if c not in metric_columns]
+            result_rows += [{"run": run["name"], **{k: value_text(run["values"][k]) for k in keys}, **row}
+                            for row in reader]
+    write_atomic(out / "results.csv", _csv(["run", *keys, *metric_columns], result_rows))
 
 
-def plot_seed_groups(
-    groups: Mapping[str, Sequence[Sequence[Mapping[str, float]]]],
-    path: Path,
-    *,
-    x: str,
-    y: str,
-    title: str,
-    xlabel: str,
-    ylabel: str,
-    styles: Mapping[str, Mapping[str, object]] | None = None,
-    band: str = "std",
-    log_y: bool = False,
-    target: float | None = None,
-) -> None:
-    """One line per group (the mean over its runs, round by round) with a band: ±1 sample std
-    (``band="std"``, two runs or more) or min..max (``band="range"``). ``x`` and ``y`` are
-    metrics.csv columns or ``"mb"`` (cumulative MB) / ``"gamma_over_alpha"``. Written atomically."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    import numpy as np
-
-    many = len(groups) > 8
-    fig, axis = plt.subplots(figsize=(10.5 if many else 8, 5))
-    lowest = math.inf
-    for label, runs in groups.items():
-        length = min(len(rows) for rows in runs)
-        xs = np.mean([_series(rows, x)[:length] for rows in runs], axis=0)
-        ys = np.array([_series(rows, y)[:length] for rows in runs])
-        mean = ys.mean(axis=0)
-        style = dict((styles or {}).get(label, {}))
-        marker = style.pop("marker", None)
-        (line,) = axis.plot(xs, mean, label=f"{label} (n={len(runs)})", linewidth=1.6, marker=marker or "o",
-                            markersize=3, **style)
-        if band == "range" and len(runs) > 1:
-            low, high = ys.min(axis=0), ys.max(axis=0)
-        elif band == "std" and len(runs) > 1:
-            std = ys.std(axis=0, ddof=1)
-            low, high = mean - std, mean + std
+def _seed_groups(finished: Sequence[Mapping[str, Any]], rows: Mapping[str, Rows], grid: Mapping[str, list[Any]],
+                 group_keys: Sequence[str]) -> list[Group]:
+    """The finished runs grouped by their grid values but the seed, in grid order; runs by seed within."""
+    members: dict[tuple, list[Mapping[str, Any]]] = {}
+    for run in finished:
+        members.setdefault(tuple(run["values"][k] for k in group_keys), []).append(run)
+    position = {key: {json.dumps(v): i for i, v in enumerate(grid[key])} for key in group_keys}
+    ordered = sorted(members, key=lambda g: [position[k][json.dumps(v)] for k, v in zip(group_keys, g)])
+    groups = []
+    for values in ordered:
+        runs = sorted(members[values], key=lambda r: r["config"]["seed"])
+        if group_keys:
+            label = ", ".join(str(v) if k == METHOD else f"{k}={value_text(v)}" for k, v in zip(group_keys, values))
         else:
-            low = high = mean
-        if len(runs) > 1:
-            axis.fill_between(xs, low, high, color=line.get_color(), alpha=0.15, linewidth=0)
-        lowest = min(lowest, float(np.min(low)))
-    if target is not None:
-        axis.axhline(target, color="grey", linestyle=":", linewidth=1, label=f"target {target:g}")
-    if log_y:
-        axis.set_yscale("log")
-    elif y == "test_accuracy" and math.isfinite(lowest):
-        axis.set_ylim(max(0.0, math.floor(lowest * 10) / 10), 1.0)
-    if x == "round":
-        from matplotlib.ticker import MaxNLocator
+            label = RunConfig.from_mapping(runs[0]["config"]).label()
+        cells = {k: value_text(v) for k, v in zip(group_keys, values)}
+        if "lr" not in group_keys:
+            cells["lr"] = _number(runs[0]["config"]["lr"])
+        groups.append(Group(label, cells, [rows[r["name"]] for r in runs], values,
+                            [r["config"]["seed"] for r in runs]))
+    return groups
 
-        axis.xaxis.set_major_locator(MaxNLocator(integer=True))
-    axis.set_xlabel(xlabel)
-    axis.set_ylabel(ylabel)
-    axis.set_title(title, fontsize=10)
-    axis.grid(alpha=0.3, which="both" if log_y else "major")
-    if many:
-        axis.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=8, frameon=False)
-    else:
-        axis.legend(loc="lower right" if y == "test_accuracy" else "best", fontsize=8)
-    fig.tight_layout()
-    tmp = path.with_name(f".{path.stem}.tmp.png")
-    fig.savefig(tmp, dpi=120, bbox_inches="tight")
-    plt.close(fig)
-    tmp.replace(path)
+
+def _collect_partition_plots(out: Path, runs: Sequence[Mapping[str, Any]]) -> list[str]:
+    """One label-distribution heatmap per distinct partition of the finished runs, in ``OUT/partitions/``,
+    named by the settings that make the partition (a partition does not depend on the method)."""
+    folder = out / "partitions"
+    wanted = {}
+    for run in runs:
+        config = run["config"]
+        varying = {key: config.get(key) for key in PARTITION_KEYS}
+        name = run_name({k: v for k, v in varying.items() if k in ("partitioner", "dirichlet-alpha",
+                                                                     "num-clients", "seed")})
+        source = out / RUNS / run["name"] / "partitions.png"
+        if name not in wanted and source.is_file():
+            wanted[name] = source
+    if not wanted:
+        return []
+    folder.mkdir(exist_ok=True)
+    for name, source in wanted.items():
+        target = folder / f"{name}.png"
+        data = source.read_bytes()
+        if not target.is_file() or target.read_bytes() != data:
+            tmp = folder / f".{name}.tmp"
+            tmp.write_bytes(data)
+            os.replace(tmp, target)
+    return list(wanted)
+
+
+def _common_context(configs: Sequence[Mapping[str, Any]]) -> str:
+    """The setting shared by every run (for titles): dataset, model, clients, split, epochs, rounds."""
+    parts = []
+    for key, show in (("dataset", "{}"), ("model", "{}"), ("num-clients", "{} clients"),
+                      ("clients-per-round", "{} per round"), ("dirichlet-alpha", "Dirichlet {:g}"),
+                      ("local-epochs", "{} local epoch(s)"), ("rounds", "{} rounds")):
+        values = {json.dumps(c.get(key)) for c in configs}
+        if len(values) == 1 and configs[0].get(key) is not None:
+            if key == "clients-per-round" and configs[0].get(key) == configs[0].get("num-clients"):
+                continue
+            parts.append(show.format(configs[0][key]))
+    return ", ".join(parts)
+
+
+# ---------------------------------------------------------------- formats
+def _csv(columns: Sequence[str], rows: Sequence[Mapping[str, Any]]) -> str:
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=list(columns), lineterminator="\n", extrasaction="ignore")
+    writer.writeheader()
+    writer.writerows(rows)
+    return buffer.getvalue()
+
+
+def _number(value: Any) -> str:
+    """A number for the tables: integers as such, floats to 6 significant digits, None as empty."""
+    if value is None:
+        return ""
+    if isinstance(value, float):
+        if not math.isfinite(value):
+            return str(value)
+        return f"{value:.6g}"
+    return str(value)
+
+
+def _fixed(value: float, digits: int) -> str:
+    return f"{value:.{digits}f}"
+
+
+def _pm(mean: float, std: float | None) -> str:
+    """``mean ± std`` to 3 decimals; the mean alone for a single run."""
+    return f"{mean:.3f}" if std is None else f"{mean:.3f} ± {std:.3f}"
+
+
+__all__ = ["Summary", "summarise", "summary_table", "write_summary", "write_compare_report", "write_sweep_report"]

@@ -1,0 +1,304 @@
+"""Sweep plans: read and validate a sweep file, expand its grid into named, resolved runs.
+
+A sweep file (TOML)::
+
+    out = "runs/digits-methods"        # optional; default runs/<file stem>
+    target-accuracy = 0.9              # optional; default 0.9
+    backend = "inprocess"              # optional; default simulation
+
+    [base]                             # run options, as in `flwr-scaling run --config`
+    rounds = 30
+
+    [grid]                             # lists; the runs are their cartesian product
+    method = ["fedavg", "savic-adam-global"]   # fedavg or savic-<rule>-<mode>
+    seed = [0, 1, 2]
+
+    [method-options.fedavg]            # optional; run options for one method (e.g. its tuned lr)
+    lr = 0.4
+
+Everything is validated before the first run starts (``load_sweep``); nothing
+is written here. Each run is named by its grid values
+(``method=fedavg,dirichlet-alpha=0.1,seed=0``) and writes to ``OUT/runs/<name>``.
+"""
+
+from __future__ import annotations
+
+import difflib
+import hashlib
+import itertools
+import json
+import re
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+from flwr_scaling.run.config import ConfigError, RunConfig, check_output_folder, read_toml
+from flwr_scaling.run.inprocess import BACKENDS
+from flwr_scaling.run.simulation import preflight
+from flwr_scaling.studies.state import RUNS
+
+METHOD = "method"  # the grid key whose values are labels (fedavg, savic-<rule>-<mode>)
+METHOD_OPTIONS = ("strategy", "precond", "precond-mode")  # what a label sets
+SEED = "seed"
+METHOD_TABLE = "method-options"  # per-method run options, e.g. each method's tuned step size
+TOP_LEVEL = ("out", "target-accuracy", "backend", "base", METHOD_TABLE, "grid")
+DEFAULT_TARGET = 0.9
+MAX_NAME = 200  # folder names longer than this are shortened (with a hash, so they stay distinct)
+
+
+@dataclass(frozen=True)
+class SweepRun:
+    """One combination of the grid: its folder name, its grid values, its resolved configuration."""
+
+    name: str
+    values: dict[str, Any]  # grid key -> value (``method`` as its label), in name order
+    config: RunConfig  # resolved; ``out`` is OUT/runs/<name>
+
+
+@dataclass(frozen=True)
+class Sweep:
+    """A validated sweep file: where it came from, where it writes, its grid and its runs in run order."""
+
+    source: str
+    out: Path
+    target: float
+    grid: dict[str, list[Any]]  # grid key -> values, keys in name order (method first, seed last)
+    runs: tuple[SweepRun, ...]  # in run order: seed outermost, so each seed's comparison completes early
+    backend: str = "simulation"  # how runs run: Flower's simulation engine or in this process (inprocess.py)
+
+    def to_json(self) -> dict[str, Any]:
+        """The plan as written to ``sweep.json``: what the report needs without reading the sweep file."""
+        return {
+            "source": self.source,
+            "name": Path(self.source).stem,
+            "target-accuracy": self.target,
+            "backend": self.backend,
+            "grid": self.grid,
+            "runs": [{"name": r.name, "values": r.values, "config": r.config.to_flower()} for r in self.runs],
+        }
+
+
+def load_sweep(path: str | Path, out: str | Path | None = None) -> Sweep:
+    """Read and validate a sweep file; every run is resolved and preflighted. Nothing is written.
+
+    ``out`` overrides the file's ``out``. Raises ConfigError with one line that
+    names the file and the key (or the run) at fault.
+    """
+    where = str(path)
+
+    def error(message: str) -> ConfigError:
+        return ConfigError(f"{where}: {message}")
+
+    raw = read_toml(where, "sweep file")
+    run_keys = RunConfig.keys()
+    for key in raw:
+        if key not in TOP_LEVEL:
+            if key in run_keys or key == METHOD:
+                raise error(f"top-level key {key!r} is a run option; put it in [base] (one value) or [grid] (a list)")
+            raise error(f"unknown top-level key {key!r}{_suggest(key, TOP_LEVEL)}")
+
+    folder = raw.get("out", f"runs/{Path(where).stem}")
+    if not isinstance(folder, str) or not folder.strip() or "\0" in folder:
+        raise error(f"out must be a folder name (a non-empty string), got {_toml(folder)}")
+    if out is not None:
+        folder = str(out)
+    try:
+        check_output_folder(folder)
+    except ConfigError as problem:
+        raise error(str(problem)) from None
+
+    target = raw.get("target-accuracy", DEFAULT_TARGET)
+    if isinstance(target, bool) or not isinstance(target, (int, float)) or not 0 < target <= 1:
+        raise error(f"target-accuracy must be a number in (0, 1], got {target!r}")
+
+    base = raw.get("base", {})
+    if not isinstance(base, dict):
+        raise error(f"base must be a table of run options ([base]), got {base!r}")
+    base = dict(base)
+    if "out" in base:
+        raise error("[base] out is not allowed: each run writes to OUT/runs/<name>; set the sweep's folder "
+                    "with a top-level out = \"...\"")
+    base_method = base.pop(METHOD, None)
+    if base_method is not None:
+        for key in METHOD_OPTIONS:
+            if key in base:
+                raise error(f"[base] method sets strategy, precond and precond-mode; remove {key!r} from [base]")
+        base.update(_method_options(base_method, "[base] method", error))
+    try:
+        RunConfig.from_mapping(base)
+    except ConfigError as problem:
+        raise error(f"[base] {problem}") from None
+
+    backend = raw.get("backend", "simulation")
+    if backend not in BACKENDS:
+        raise error(f"backend must be one of {', '.join(BACKENDS)}, got {_toml(backend)}")
+
+    grid_raw = raw.get("grid")
+    if grid_raw is None:
+        raise error("no [grid] table; list the values to sweep, e.g. [grid] seed = [0, 1, 2]")
+    if not isinstance(grid_raw, dict):
+        raise error(f"grid must be a table of lists ([grid]), got {grid_raw!r}")
+    if not grid_raw:
+        raise error("[grid] is empty; give at least one key with a list of values, e.g. seed = [0, 1, 2]")
+    grid: dict[str, list[Any]] = {}
+    for key, values in grid_raw.items():
+        if key == "out":
+            raise error("[grid] out is not allowed: each run writes to OUT/runs/<name>; set the sweep's folder "
+                        "with a top-level out = \"...\"")
+        if key != METHOD and key not in run_keys:
+            raise error(f"[grid] unknown option {key!r}{_suggest(key, [METHOD, *run_keys])}")
+        if not isinstance(values, list):
+            raise error(f"[grid] {key} must be a list of values, e.g. {key} = [{_toml(values)}], got {_toml(values)}")
+        if not values:
+            raise error(f"[grid] {key} is an empty list; give at least one value")
+        if base_method is not None and key in METHOD_OPTIONS:
+            raise error(f"[base] method sets strategy, precond and precond-mode; remove {key!r} from [grid]")
+        if key in base or (key == METHOD and base_method is not None):
+            raise error(f"{key!r} is in both [base] and [grid]; keep it in one of them")
+        coerced = [_grid_value(key, value, error) for value in values]
+        for index, value in enumerate(coerced):
+            if value in coerced[:index]:
+                raise error(f"[grid] {key} lists {_toml(value)} twice")
+        grid[key] = coerced
+    if METHOD in grid:
+        for key in METHOD_OPTIONS:
+            if key in base:
+                raise error(f"[grid] method sets strategy, precond and precond-mode; remove {key!r} from [base]")
+            if key in grid:
+                raise error(f"[grid] method sets strategy, precond and precond-mode; remove {key!r} from [grid]")
+
+    per_method = _method_table(raw.get(METHOD_TABLE, {}), grid, base, error)
+
+    order = sorted(grid, key=lambda k: (k != METHOD, k == SEED, k))  # name order: method, others A-Z, seed
+    grid = {key: grid[key] for key in order}
+    loop = sorted(order, key=lambda k: k != SEED)  # run order: seed outermost
+    runs: list[SweepRun] = []
+    seen: dict[str, str] = {}
+    for combination in itertools.product(*(grid[key] for key in loop)):
+        chosen = dict(zip(loop, combination))
+        values = {key: chosen[key] for key in order}
+        name = run_name(values)
+        if name.lower() in seen:  # case-insensitive file systems
+            raise error(f"runs {seen[name.lower()]!r} and {name!r} would share the folder {name!r}; "
+                        f"make the grid values differ in more than case and punctuation")
+        seen[name.lower()] = name
+        options = dict(base)
+        for key, value in values.items():
+            if key == METHOD:
+                options.update(_parse_label(value))
+                options.update(per_method.get(value, {}))
+            else:
+                options[key] = value
+        try:
+            config = replace(RunConfig.from_mapping(options), out=str(Path(folder) / RUNS / name)).resolved()
+            preflight(config)
+        except (ValueError, OSError) as problem:  # ConfigError included; OSError: data that cannot be read
+            raise error(f"run {name}: {first_line(problem)}") from None
+        runs.append(SweepRun(name, values, config))
+    return Sweep(where, Path(folder), float(target), grid, tuple(runs), backend)
+
+
+def _method_table(table: Any, grid: Mapping[str, list[Any]], base: Mapping[str, Any],
+                  error: Callable[[str], ConfigError]) -> dict[str, dict[str, Any]]:
+    """``[method-options.<label>]`` tables: run options for one method of ``[grid] method`` (e.g. its lr)."""
+    if not isinstance(table, dict):
+        raise error(f"{METHOD_TABLE} must be tables such as [{METHOD_TABLE}.fedavg], got {_toml(table)}")
+    methods = grid.get(METHOD, [])
+    result = {}
+    for label, options in table.items():
+        where = f"[{METHOD_TABLE}.{label}]"
+        if label not in methods:
+            raise error(f"{where} names a method that is not in [grid] method ({', '.join(map(str, methods)) or 'none'})")
+        if not isinstance(options, dict):
+            raise error(f"{where} must be a table of run options, e.g. lr = 0.01, got {_toml(options)}")
+        for key in options:
+            if key == METHOD or key in METHOD_OPTIONS or key == "out":
+                raise error(f"{where} cannot set {key!r}")
+            if key in grid or key in base:
+                raise error(f"{where} sets {key!r}, which is also in {'[grid]' if key in grid else '[base]'}; "
+                            f"keep it in one place")
+        try:
+            RunConfig.from_mapping({**base, **_parse_label(label), **options}).validate()
+        except ConfigError as problem:
+            raise error(f"{where} {problem}") from None
+        result[label] = dict(options)
+    return result
+
+
+def run_name(values: Mapping[str, Any]) -> str:
+    """A stable, file-system-safe folder name: ``method=savic-adam-global,dirichlet-alpha=0.1,seed=0``."""
+    if not values:
+        return "run"
+    text = ",".join(f"{key}={value_text(value)}" for key, value in values.items())
+    name = re.sub(r"[^A-Za-z0-9._=,+-]", "_", text)
+    if len(name) > MAX_NAME:
+        digest = hashlib.sha1(text.encode("utf-8")).hexdigest()[:10]
+        name = f"{name[:MAX_NAME - 11]}~{digest}"
+    return name
+
+
+def _method_options(label: Any, what: str, error: Callable[[str], ConfigError]) -> dict[str, str]:
+    """The run options a method label sets, or the sweep file's error naming ``what`` (the key at fault)."""
+    if not isinstance(label, str):
+        raise error(f"{what} values must be strings such as 'fedavg' or 'savic-adam-global', got {_toml(label)}")
+    try:
+        return _parse_label(label)
+    except ConfigError as problem:
+        raise error(f"{what}: {problem}") from None
+
+
+def _parse_label(label: str) -> dict[str, str]:
+    """``fedavg`` -> ``{"strategy": "fedavg", ...}``: the options of a method label."""
+    from flwr_scaling.methods import parse_label
+
+    return parse_label(label)
+
+
+def _grid_value(key: str, value: Any, error: Callable[[str], ConfigError]) -> Any:
+    """The value as the run will see it (``2`` for a float option is ``2.0``), with the option's own error."""
+    if key == METHOD:
+        _method_options(value, "[grid] method", error)
+        return value
+    if isinstance(value, (list, dict)):
+        raise error(f"[grid] {key} values must be single numbers or strings, got {_toml(value)}")
+    try:
+        config = RunConfig.from_mapping({key: value})
+    except ConfigError as problem:
+        raise error(f"[grid] {problem}") from None
+    return getattr(config, key.replace("-", "_"))
+
+
+def value_text(value: Any) -> str:
+    """A grid value as run names and tables show it: floats by ``repr`` (``0.1``, ``1.0``), the rest by ``str``."""
+    if isinstance(value, float):
+        return repr(value)
+    return str(value)
+
+
+def _toml(value: Any) -> str:
+    """A value as it would be written in TOML (for messages)."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, str):
+        return json.dumps(value)
+    if isinstance(value, list):
+        return "[" + ", ".join(_toml(v) for v in value) + "]"
+    if isinstance(value, dict):
+        return "{" + ", ".join(f"{k} = {_toml(v)}" for k, v in value.items()) + "}"
+    return str(value)
+
+
+def _suggest(word: str, choices: Sequence[str]) -> str:
+    """The end of an unknown-key message: the closest known key, else all of them."""
+    close = difflib.get_close_matches(word, list(choices), n=1)
+    return f"; did you mean {close[0]!r}?" if close else f"; known: {', '.join(choices)}"
+
+
+def first_line(problem: BaseException) -> str:
+    """An error as one line for a message: its first line, or its type when it has no text."""
+    text = str(problem)
+    return text.splitlines()[0] if text else type(problem).__name__
+
+
+__all__ = ["METHOD", "SEED", "Sweep", "SweepRun", "load_sweep", "run_name", "value_text", "first_line"]
