@@ -484,6 +484,32 @@ def test_report_of_a_folder_that_is_no_sweep(tmp_path):
         write_sweep_report(tmp_path)
 
 
+
+def test_compare_report_has_one_row_per_run_and_the_first_round_reaching_the_target(tmp_path, monkeypatch):
+    """compare's summary.md goes through the sweep report's pipeline with one run per row; numbers by hand:
+    run a reaches 0.8 in round 2 after 2 x (0.25 + 0.25) MB, 3 rounds are 1.5 MB; run b never does, 3 x 2 MB."""
+    from flwr_scaling.studies.report import write_compare_report
+
+    plotted = []
+    monkeypatch.setattr("flwr_scaling.studies.report.plot_accuracy",
+                        lambda runs, path, title, target: plotted.append((list(runs), path.name, title, target)))
+
+    def rows(accuracies, side, low, high):
+        return [{"round": r, "test_accuracy": a, "bytes_down": side, "bytes_up": side,
+                 "precond_min": low, "precond_max": high} for r, a in enumerate(accuracies, start=1)]
+
+    runs = {"a": rows([0.5, 0.85, 0.9], 2.5e5, 1.0, 1.0), "b": rows([0.2, 0.4, 0.6], 1e6, 0.01, 0.5)}
+    write_compare_report(tmp_path, runs, {"a": 0.4, "b": 0.003}, 0.8, "digits, cnn, seed 0")
+    assert (tmp_path / "summary.md").read_text() == (
+        "# digits, cnn, seed 0\n\n"
+        "| run | lr | final acc | best acc | first round >= 0.8 | MB to 0.8 | MB total | max Γ/α |\n"
+        "|---|---|---|---|---|---|---|---|\n"
+        "| a | 0.4 | 0.900 | 0.900 | 2 | 1.00 | 1.50 | 1 |\n"
+        "| b | 0.003 | 0.600 | 0.600 | never | - | 6.00 | 50 |\n"
+    )
+    assert plotted == [(["a", "b"], "accuracy.png", "digits, cnn, seed 0", 0.8)]
+
+
 # ---------------------------------------------------------- shipped sweeps
 SHARED = ROOT.parent / "shared" / "data"
 SHIPPED = sorted((ROOT / "experiments" / "sweeps").glob("*.toml"))
