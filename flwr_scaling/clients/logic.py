@@ -15,7 +15,8 @@ from flwr_scaling.data.federated import Split, load_federated_data, load_partiti
 from flwr_scaling.core.models import build_model
 from flwr_scaling.core.seeding import client_streams, derived_seed
 from flwr_scaling.clients.settings import train_settings
-from flwr_scaling.core.local_sgd import compute_statistic, train_local_adam, train_scaled
+from flwr_scaling.core.local_sgd import compute_statistic
+from flwr_scaling.methods import get_method
 
 NumpyArrays = dict[str, np.ndarray]
 
@@ -33,7 +34,7 @@ class LocalRound:
 CLIENT_EVAL_FRACTION = 0.2
 
 
-def _split_for_eval(split: Split, seed: int, partition_id: int) -> tuple[Split, Split]:
+def split_for_eval(split: Split, seed: int, partition_id: int) -> tuple[Split, Split]:
     """A seeded 80/20 split of a client's data into training and held-out parts."""
     order = np.random.default_rng(derived_seed(seed, partition_id, 0xE7A1)).permutation(len(split))
     held_out = max(1, int(round(CLIENT_EVAL_FRACTION * len(split))))
@@ -44,13 +45,13 @@ def _split_for_eval(split: Split, seed: int, partition_id: int) -> tuple[Split, 
 def client_partition(cfg: RunConfig, partition_id: int) -> Split:
     """The data this client trains on: its whole partition, or 80 % of it with client evaluation on."""
     split = load_partition(cfg.partition_spec(), partition_id)
-    return _split_for_eval(split, cfg.seed, partition_id)[0] if cfg.client_eval_every else split
+    return split_for_eval(split, cfg.seed, partition_id)[0] if cfg.client_eval_every else split
 
 
 def client_eval_partition(cfg: RunConfig, partition_id: int) -> Split:
     """The client's held-out 20 % (client evaluation on), else its whole partition."""
     split = load_partition(cfg.partition_spec(), partition_id)
-    return _split_for_eval(split, cfg.seed, partition_id)[1] if cfg.client_eval_every else split
+    return split_for_eval(split, cfg.seed, partition_id)[1] if cfg.client_eval_every else split
 
 
 @lru_cache(maxsize=4)
@@ -74,10 +75,9 @@ def local_round(
     loader_seed, probes = client_streams(cfg.seed, server_round, partition_id)
     loader = make_loader(split, cfg.batch_size, loader_seed)
     settings = train_settings(cfg)
-    if cfg.strategy == "local-adam":  # torch Adam from a fresh state; no preconditioner
-        result = train_local_adam(model, loader, settings)
-    else:  # scaled Local SGD; plain SGD for the baselines (rule identity), with FedProx's term for fedprox
-        result = train_scaled(model, loader, settings, numpy_to_torch(state) if state is not None else None, probes)
+    # The method's trainer: scaled Local SGD (plain SGD with rule identity, FedProx's term when proximal), torch Adam, ...
+    trainer = get_method(cfg.strategy).trainer
+    result = trainer(model, loader, settings, numpy_to_torch(state) if state is not None else None, probes)
     payload = result.statistic if result.statistic is not None else result.state
     return LocalRound(
         arrays=torch_to_numpy(model.state_dict()),

@@ -242,7 +242,7 @@ def register_rule(rule: ScalingRule, *, replace: bool = False) -> ScalingRule:
     ScalingRule
         ``rule``, so that a module can write ``MAXABS = register_rule(...)``.
     """
-    if not rule.name or rule.name != rule.name.strip() or "," in rule.name:
+    if not rule.name or any(c.isspace() for c in rule.name) or "," in rule.name:
         raise ValueError(f"a rule name must be a non-empty word without spaces or commas, got {rule.name!r}")
     if rule.name in RULES and not replace:
         raise ValueError(f"a scaling rule named {rule.name!r} is registered already; pass replace=True to replace it")
