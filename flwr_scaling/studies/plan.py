@@ -33,6 +33,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
+from flwr_scaling.methods import parse_label
 from flwr_scaling.run.config import ConfigError, RunConfig, check_output_folder, read_toml
 from flwr_scaling.run.inprocess import BACKENDS
 from flwr_scaling.run.simulation import preflight
@@ -186,7 +187,7 @@ def load_sweep(path: str | Path, out: str | Path | None = None) -> Sweep:
         options = dict(base)
         for key, value in values.items():
             if key == METHOD:
-                options.update(_parse_label(value))
+                options.update(parse_label(value))
                 options.update(per_method.get(value, {}))
             else:
                 options[key] = value
@@ -219,7 +220,7 @@ def _method_table(table: Any, grid: Mapping[str, list[Any]], base: Mapping[str, 
                 raise error(f"{where} sets {key!r}, which is also in {'[grid]' if key in grid else '[base]'}; "
                             f"keep it in one place")
         try:
-            RunConfig.from_mapping({**base, **_parse_label(label), **options}).validate()
+            RunConfig.from_mapping({**base, **parse_label(label), **options}).validate()
         except ConfigError as problem:
             raise error(f"{where} {problem}") from None
         result[label] = dict(options)
@@ -243,16 +244,9 @@ def _method_options(label: Any, what: str, error: Callable[[str], ConfigError]) 
     if not isinstance(label, str):
         raise error(f"{what} values must be strings such as 'fedavg' or 'savic-adam-global', got {_toml(label)}")
     try:
-        return _parse_label(label)
+        return parse_label(label)
     except ConfigError as problem:
         raise error(f"{what}: {problem}") from None
-
-
-def _parse_label(label: str) -> dict[str, str]:
-    """``fedavg`` -> ``{"strategy": "fedavg", ...}``: the options of a method label."""
-    from flwr_scaling.methods import parse_label
-
-    return parse_label(label)
 
 
 def _grid_value(key: str, value: Any, error: Callable[[str], ConfigError]) -> Any:
