@@ -2,14 +2,21 @@
 TLS and SuperNode authentication on, each node training on its own CSV file.
 
 Every process is started through ``LocalFederation`` in its own process group;
-the module fixture's finalizer stops them all, also when a test fails.
+the module fixture's finalizer stops them all, also when a test fails. The
+``kill -9`` test starts ``flwr-scaling deploy-local`` itself, marks every
+process it leads to, and SIGKILLs whatever still carries the mark at its end.
 """
 
 from __future__ import annotations
 
 import csv
+import os
+import signal
+import subprocess
+import sys
 import threading
 import time
+import uuid
 from pathlib import Path
 
 import numpy as np
@@ -17,7 +24,10 @@ import pytest
 
 from flwr_scaling.run.config import RunConfig
 from flwr_scaling.data.federated import DataSpec, load_federated_data
-from flwr_scaling.deploy.local import LocalFederation, make_node_key
+from flwr_scaling.deploy.local import LocalFederation
+
+sys.path.insert(0, str(Path(__file__).parent))
+from processes import kill_marked  # noqa: E402  (tests/processes.py)
 
 pytestmark = pytest.mark.slow
 
@@ -84,10 +94,8 @@ def test_unregistered_key_and_missing_ca_are_refused(federation):
         assert "No SuperNode found with the given public key" in (fed.workdir / "superlink.log").read_text()
         assert "CERTIFICATE_VERIFY_FAILED" in no_ca.log_text(), no_ca.log_text()
     finally:
-        unregistered.stop()
-        no_ca.stop()
-        fed.processes.remove(unregistered)
-        fed.processes.remove(no_ca)
+        fed.release(unregistered)
+        fed.release(no_ca)
     assert not unregistered.alive() and not no_ca.alive()
 
 
@@ -132,3 +140,66 @@ def test_secure_run_with_local_files_survives_a_node_killed_mid_round(federation
         assert int(row["clients_ok"]) == 1 and int(row["clients_failed"]) == 0, row
         assert np.isfinite(float(row["test_loss"]))
     print(f"run with a node killed in round {KILL_IN_ROUND}: {elapsed:.0f} s; rows {rows}")
+
+
+# ------------------------------------------------------------------ kill -9
+def _marked(marker: str) -> dict[int, str]:
+    """Running processes whose environment holds ``marker``: pid -> command line (zombies left out)."""
+    found = {}
+    entry = f"FLWR_SCALING_TEST_MARKER={marker}".encode()
+    for folder in Path("/proc").iterdir():
+        if not folder.name.isdigit():
+            continue
+        try:
+            if entry not in (folder / "environ").read_bytes().split(b"\0"):
+                continue
+            found[int(folder.name)] = (folder / "cmdline").read_bytes().replace(b"\0", b" ").decode().strip()
+        except OSError:
+            continue
+    return found
+
+
+def _wait_until(condition, bound_s: float) -> bool:
+    """Poll ``condition`` until it holds or ``bound_s`` passed (a bound on waiting, not a timing claim)."""
+    deadline = time.monotonic() + bound_s
+    while not condition():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.5)
+    return True
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="finds processes through /proc (Linux)")
+def test_kill_9_of_deploy_local_leaves_no_process_behind(tmp_path):
+    """SIGKILL gives deploy-local no chance to clean up: its SuperLink, SuperNodes, Flower's
+    SuperExec and app processes, and its watchdog must all end anyway."""
+    marker = uuid.uuid4().hex
+    env = dict(os.environ, FLWR_SCALING_TEST_MARKER=marker)
+    out_log = tmp_path / "deploy-local.out"
+    deploy = None
+    argv = [str(Path(sys.executable).parent / "flwr-scaling"), "deploy-local", "--insecure", "--nodes", "2",
+            "--rounds", "200", "--dataset", "digits", "--out", str(tmp_path / "out"),
+            "--workdir", str(tmp_path / "work")]
+    try:
+        with open(out_log, "wb") as handle:
+            deploy = subprocess.Popen(argv, stdout=handle, stderr=subprocess.STDOUT, env=env,
+                                      start_new_session=True)
+        # round 1 streamed: the ServerApp and at least one ClientApp have run
+        started = _wait_until(lambda: "[ROUND 1/" in out_log.read_text(errors="replace") or deploy.poll() is not None,
+                              300)
+        assert started and deploy.poll() is None, out_log.read_text(errors="replace")[-3000:]
+        running = _marked(marker)
+        commands = " | ".join(running.values())
+        for program in ("flower-superlink", "flower-supernode", "flower-superexec", "flwr-serverapp",
+                        "flwr run", "flwr_scaling.deploy.processes import watch"):
+            assert program in commands, commands
+        os.kill(deploy.pid, signal.SIGKILL)
+        deploy.wait()
+        _wait_until(lambda: not _marked(marker), 90)
+    finally:
+        left = _marked(marker)  # empty, unless the run failed before the kill or something survived it
+        kill_marked(marker)
+        if deploy is not None and deploy.poll() is None:
+            deploy.kill()
+            deploy.wait()
+    assert left == {}, left
