@@ -14,6 +14,7 @@ from typing import Any
 _EXPORTS = {
     "Preconditioner": "flwr_scaling.core.optimizer",
     "ScaledSGD": "flwr_scaling.core.optimizer",
+    "preconditioner_from_message": "flwr_scaling.clients.preconditioner_message",
 }
 
 __all__ = sorted(_EXPORTS)

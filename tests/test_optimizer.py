@@ -12,14 +12,25 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from flwr.app import ConfigRecord, Context, Message, MessageType, RecordDict
+from flwr.supercore.task_identity import TaskIdentity
 from sklearn.datasets import load_digits
 from torch import nn
 
-from flwr_scaling import Preconditioner, ScaledSGD
+from flwr_scaling import Preconditioner, ScaledSGD, preconditioner_from_message
+from flwr_scaling.clients import client_app, node_data
+from flwr_scaling.clients.client_app import MissingStateError
+from flwr_scaling.core.arrays import torch_to_numpy
 from flwr_scaling.core.local_sgd import TrainSettings, train_scaled
+from flwr_scaling.core.seeding import client_streams, initial_model
+from flwr_scaling.data.federated import load_federated_data, make_loader
+from flwr_scaling.protocol.records import numpy_to_record
+from flwr_scaling.protocol.wire import VERSION_KEY, put_encoded, take_encoded
+from flwr_scaling.run.config import RunConfig
 
 RULES = ("identity", "adagrad", "rmsprop", "adam", "oasis")
 MODES = ("global", "local")
@@ -82,7 +93,8 @@ def test_scaled_sgd_agrees_with_train_scaled(rule, mode, with_state, momentum):
     result = train_scaled(reference, batches, settings, state, torch.Generator().manual_seed(3))
 
     precond = Preconditioner(rule, mode, alpha=alpha, beta=0.9, momentum=momentum, num_probes=2, state=state)
-    optimizer = ScaledSGD(model.named_parameters(), lr=0.02, precond=precond, generator=torch.Generator().manual_seed(3))
+    probes = torch.Generator().manual_seed(3)
+    optimizer = ScaledSGD(model.named_parameters(), lr=0.02, precond=precond, generator=probes)
     user_loop(model, batches, optimizer, how="loss")
 
     assert optimizer.num_steps == result.num_steps == EPOCHS * len(batches)
@@ -222,7 +234,7 @@ def test_bad_arguments_give_one_line_errors():
     model = nn.Linear(3, 2)
     with pytest.raises(ValueError, match=r"^unknown scaling rule 'adamw'; choose one of identity, adagrad"):
         Preconditioner("adamw")
-    bad(lambda: Preconditioner("adam", "sometimes"), "Preconditioner: unknown mode 'sometimes'; choose one of global, local")
+    bad(lambda: Preconditioner("adam", "often"), "Preconditioner: unknown mode 'often'; choose one of global, local")
     bad(lambda: Preconditioner("adam", alpha=0.0), "Preconditioner: alpha must be a finite number > 0, got 0.0")
     bad(lambda: Preconditioner("adam", beta=1.0), "Preconditioner: beta must be in [0, 1), got 1.0")
     bad(lambda: Preconditioner("oasis", num_probes=0), "Preconditioner: num_probes must be an integer >= 1, got 0")
@@ -230,7 +242,8 @@ def test_bad_arguments_give_one_line_errors():
         bad(lambda: ScaledSGD(model.parameters(), lr=lr), f"ScaledSGD: lr must be a finite number > 0, got {lr!r}")
     bad(
         lambda: ScaledSGD(model.parameters(), lr=0.1, precond=Preconditioner("adam")),
-        "ScaledSGD: rule 'adam' replies a statistic keyed by parameter name: pass model.named_parameters() (or names=[...])",
+        "ScaledSGD: rule 'adam' replies a statistic keyed by parameter name: "
+        "pass model.named_parameters() (or names=[...])",
     )
     wrong_keys = Preconditioner("adam", state={"weight": torch.ones(2, 3), "b": torch.ones(2)})
     bad(
@@ -243,8 +256,8 @@ def test_bad_arguments_give_one_line_errors():
         "the preconditioner state of 'weight' has shape (3, 2), the parameter (2, 3)",
     )
     bad(
-        lambda: ScaledSGD(model.parameters(), lr=0.1, precond=Preconditioner("adam", state={"weight": torch.ones(2, 3)})),
-        "the preconditioner state has 1 entries for 2 parameters",
+        lambda: ScaledSGD(model.parameters(), lr=0.1, precond=Preconditioner("adam", state={"bias": torch.ones(2)})),
+        "the preconditioner state has 1 array for 2 parameters",
     )
     bad(lambda: ScaledSGD(model.parameters(), lr=0.1, names=["weight"]), "ScaledSGD: 1 names for 2 parameters")
     groups = [{"params": [model.weight]}, {"params": [model.bias]}]
@@ -263,3 +276,117 @@ def test_oasis_without_a_hessian_vector_product_says_how_to_pass_one():
         "rule 'oasis' needs a Hessian-vector product at every step: call optimizer.step(loss=loss) "
         "(the optimizer differentiates the loss itself), or loss.backward(create_graph=True) before optimizer.step()",
     )
+
+
+# ---------------------------------------------------------------- from a Flower train message
+
+ROUND_CONFIG = {
+    "precond": "adam", "precond-mode": "local", "precond-alpha": 0.01, "precond-beta": 0.9, "adam-beta1": 0.8,
+    "momentum": 0.5, "precond-probes": 2, "precond-dtype": "bfloat16", "lr": 0.05, "server-round": 3,
+}
+# Exactly representable in bfloat16, so the decoded state equals it.
+WIRE_STATE = {"weight": np.full((2, 3), 0.25, dtype=np.float32), "bias": np.array([4.0, 0.5], dtype=np.float32)}
+
+
+@pytest.fixture
+def task_identity(monkeypatch):
+    """Building a Message needs run, node and task ids, as inside a running app."""
+    monkeypatch.setattr(TaskIdentity, "_run_id", 1)
+    monkeypatch.setattr(TaskIdentity, "_node_id", 0)
+    monkeypatch.setattr(TaskIdentity, "_task_id", 1)
+
+
+def train_message(config: dict, state: dict | None) -> Message:
+    content = RecordDict({"config": ConfigRecord(config)})
+    if state is not None:
+        put_encoded(content, "precond", state, dtype=str(config.get("precond-dtype", "float32")))
+    return Message(content=content, dst_node_id=7, message_type=MessageType.TRAIN)
+
+
+def node_context(node_config: dict | None = None) -> Context:
+    return Context(run_id=1, node_id=7, node_config=node_config or {}, state=RecordDict(), run_config={})
+
+
+@pytest.mark.usefixtures("task_identity")
+def test_preconditioner_from_message_reads_every_setting_and_the_state():
+    precond = preconditioner_from_message(train_message({**ROUND_CONFIG, VERSION_KEY: 3}, WIRE_STATE))
+    assert precond == Preconditioner("adam", "local", alpha=0.01, beta=0.9, adam_beta1=0.8, momentum=0.5, num_probes=2)
+    assert list(precond.state) == ["weight", "bias"]
+    for name, value in WIRE_STATE.items():
+        assert torch.equal(precond.state[name], torch.from_numpy(value))
+    optimizer = ScaledSGD(nn.Linear(3, 2).named_parameters(), lr=ROUND_CONFIG["lr"], precond=precond)
+    assert optimizer.diagonal_bounds() == (0.5, 2.0)  # sqrt of the state, clipped at 0.01
+
+
+@pytest.mark.usefixtures("task_identity")
+def test_preconditioner_from_message_without_a_state_is_v_one():
+    precond = preconditioner_from_message(train_message({"precond": "oasis"}, None))
+    assert precond == Preconditioner("oasis") and precond.state is None
+    assert precond.alpha == pytest.approx(0.1)  # oasis's default alpha, as the run configuration's
+
+
+@pytest.mark.usefixtures("task_identity")
+def test_preconditioner_from_message_takes_an_unsent_state_from_the_node_cache():
+    context = node_context()
+    config = {**ROUND_CONFIG, VERSION_KEY: 3}
+    sent = preconditioner_from_message(train_message(config, WIRE_STATE), context)
+    cached = preconditioner_from_message(train_message(config, None), context)  # precond-every: not resent
+    for name in WIRE_STATE:
+        assert torch.equal(cached.state[name], sent.state[name])
+    bad(
+        lambda: preconditioner_from_message(train_message(config, None)),
+        "the train message names the preconditioner state of round 3 but does not carry it (precond-every: "
+        "the node should hold it): pass the ClientApp's context to use the node's cached state",
+    )
+    with pytest.raises(MissingStateError, match="holds no preconditioner state of round 4 in bfloat16"):
+        preconditioner_from_message(train_message({**ROUND_CONFIG, VERSION_KEY: 4}, None), context)
+
+
+@pytest.mark.usefixtures("task_identity")
+def test_preconditioner_from_message_refuses_a_message_without_a_rule():
+    bad(
+        lambda: preconditioner_from_message(train_message({"lr": 0.1}, None)),
+        "the train message's config names no scaling rule ('precond'): it did not come from flwr_scaling's strategy",
+    )
+    bad(
+        lambda: preconditioner_from_message(train_message({"precond": "adam", "precond-dtype": "int8"}, None)),
+        "precond-dtype must be one of float32, bfloat16, float16, got 'int8'",
+    )
+
+
+@pytest.mark.usefixtures("task_identity")
+@pytest.mark.parametrize(("rule", "mode"), [("adam", "local"), ("oasis", "global")])
+def test_a_user_loop_on_scaled_sgd_replies_what_the_client_app_replies(rule, mode):
+    """The package's ClientApp against a hand-written client: same message, same data order and probes."""
+    cfg = RunConfig(dataset="wine", model="logreg", num_clients=3, precond=rule, precond_mode=mode,
+                    precond_dtype="bfloat16", local_epochs=2).resolved()
+    data = load_federated_data(cfg.data_spec())
+    start = initial_model("logreg", data.input_shape, data.num_classes, cfg.seed)
+    state = {n: np.full(tuple(p.shape), 0.25, dtype=np.float32) for n, p in start.named_parameters()}
+    content = RecordDict({
+        "arrays": numpy_to_record(torch_to_numpy(start.state_dict())),
+        "config": ConfigRecord({**cfg.to_flower(), "server-round": 2, VERSION_KEY: 2}),
+    })
+    put_encoded(content, "precond", state, dtype=cfg.precond_dtype)
+    message = Message(content=content, dst_node_id=7, message_type=MessageType.TRAIN)
+    node_config = {"partition-id": 1, "num-partitions": 3}
+    reply = client_app.app(message, node_context(node_config))
+    assert not reply.has_error()
+
+    config = message.content["config"]
+    model = initial_model("logreg", data.input_shape, data.num_classes, cfg.seed)
+    precond = preconditioner_from_message(message, node_context(node_config))
+    loader_seed, probes = client_streams(cfg.seed, 2, 1)
+    loader = make_loader(node_data.train_split(node_config, cfg), cfg.batch_size, loader_seed)
+    optimizer = ScaledSGD(model.named_parameters(), lr=config["lr"], precond=precond, generator=probes)
+    for _ in range(config["local-epochs"]):
+        for x, y in loader:
+            optimizer.step(loss=F.cross_entropy(model(x), y))
+
+    for name, value in torch_to_numpy(model.state_dict()).items():
+        np.testing.assert_allclose(reply.content["arrays"][name].numpy(), value, rtol=1e-6, atol=1e-7)
+    ours = RecordDict()
+    put_encoded(ours, "stats", torch_to_numpy(optimizer.statistic()), dtype=cfg.precond_dtype)
+    theirs = take_encoded(reply.content, "stats", dtype=cfg.precond_dtype)
+    for name, value in take_encoded(ours, "stats", dtype=cfg.precond_dtype).items():
+        np.testing.assert_allclose(theirs[name], value, rtol=1e-6, atol=1e-7)

@@ -44,7 +44,8 @@ import numpy as np
 import torch
 
 from flwr_scaling.core.local_sgd import MODES, hutchinson_diagonal
-from flwr_scaling.core.rules import STAT_GRAD_SQUARED, STAT_HUTCHINSON, ScalingRule, diagonal_bounds, get_rule, ones_like
+from flwr_scaling.core.rules import STAT_GRAD_SQUARED, STAT_HUTCHINSON, ScalingRule, diagonal_bounds, get_rule
+from flwr_scaling.core.rules import ones_like
 
 Tensors = dict[str, torch.Tensor]
 # The alpha of a rule entry that names none (rules.py gives each rule a default_alpha).
@@ -191,7 +192,8 @@ class ScaledSGD(torch.optim.Optimizer):
                     "pass model.named_parameters() (or names=[...])"
                 )
             if len(state) != count:
-                raise ValueError(f"the preconditioner state has {len(state)} entries for {count} parameters")
+                arrays = "array" if len(state) == 1 else "arrays"
+                raise ValueError(f"the preconditioner state has {len(state)} {arrays} for {count} parameters")
             chosen = list(state)
         chosen = [str(name) for name in chosen] if chosen is not None else [str(i) for i in range(count)]
         if len(chosen) != count:
