@@ -111,6 +111,24 @@ def test_scaled_sgd_agrees_with_train_scaled(rule, mode, with_state, momentum):
     assert optimizer.diagonal_bounds() == pytest.approx((result.precond_min, result.precond_max), rel=1e-6)
 
 
+@pytest.mark.parametrize("rule", ["identity", "adam"])
+def test_fedprox_term_agrees_with_train_scaled(rule):
+    """FedProx's mu (x - x_round) joins the gradient (not the statistic), x_round the parameters at construction."""
+    batches = digits_batches(96)
+    reference, model = mlp(), mlp()
+    state = positive_state(model)
+    settings = TrainSettings(rule=rule, mode="local", lr=0.05, beta=0.9, local_epochs=EPOCHS, proximal_mu=0.5)
+    result = train_scaled(reference, batches, settings, state)
+    precond = Preconditioner(rule, "local", alpha=settings.alpha, beta=0.9, state=state)
+    optimizer = ScaledSGD(model.named_parameters(), lr=0.05, precond=precond, proximal_mu=0.5)
+    user_loop(model, batches, optimizer, how="loss")
+    for expected, actual in zip(reference.parameters(), model.parameters(), strict=True):
+        torch.testing.assert_close(actual, expected, **CLOSE)
+    if rule == "adam":
+        for name, value in optimizer.statistic().items():
+            torch.testing.assert_close(value, result.state[name], **CLOSE)
+
+
 @pytest.mark.parametrize("how", ["backward", "closure"])
 @pytest.mark.parametrize("rule", ["adagrad", "adam"])
 def test_backward_and_closure_give_the_same_round_as_passing_the_loss(rule, how):
