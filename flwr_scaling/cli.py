@@ -14,6 +14,8 @@ from flwr_scaling.run import config as run_config
 from flwr_scaling.run.config import ConfigError, RunConfig, check_output_folder, load_toml
 from flwr_scaling.run.outdir import claim_output
 from flwr_scaling.core.rules import MODES, RULES
+from flwr_scaling.data.partitioners import partitioner_names
+from flwr_scaling.data.sources import named_sources, path_kinds
 from flwr_scaling.methods import DEFAULT_COMPARE, METHODS, parse_label
 
 COMPARE_FIXED = {"strategy", "precond", "precond_mode", "lr", "out"}  # set per configuration
@@ -96,10 +98,10 @@ def _choices() -> dict[str, list[str]]:
         "precond_mode": list(MODES),
         "precond_init": list(run_config.INITS),
         "precond_dtype": list(run_config.PRECOND_DTYPES),
-        "partitioner": list(run_config.PARTITIONERS),
+        "partitioner": list(partitioner_names()),
         "eval_split": list(run_config.EVAL_SPLITS),
         "model": list(run_config.MODELS),
-        "dataset": [*run_config.BUNDLED, *(f"{kind}:PATH" for kind in run_config.FILE_KINDS)],
+        "dataset": [*named_sources(), *(f"{kind}:PATH" for kind in path_kinds())],
     }
 
 

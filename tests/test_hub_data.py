@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from flwr_scaling.data import federated as data_module
-from flwr_scaling.data import sources
+from flwr_scaling.data import hub
 from flwr_scaling.data.federated import DataSpec, PartitionSpec, load_federated_data, load_partition
 from flwr_scaling.data.sources import DataError, check_spec, load_hub, load_source
 
@@ -33,7 +33,7 @@ def offline(monkeypatch, tmp_path):
     monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", tmp_path / "hf-cache")
     yield
     load_federated_data.cache_clear()  # the hf:local-* names below mean these files only
-    data_module._partitioner.cache_clear()
+    data_module.partitioner_for.cache_clear()
 
 
 def _images(rng, n):
@@ -59,12 +59,12 @@ def image_files(tmp_path):
 
 def hub_as(monkeypatch, data_files, tmp_path):
     """Make ``hf:ANYTHING`` load ``data_files`` through the very same ``load_hub``."""
-    real = sources.load_hub
+    real = hub.load_hub
 
     def local(name, label_column="label", **kwargs):
         return real("parquet", label_column, data_files=data_files, cache_dir=str(tmp_path / "hf-cache"), **kwargs)
 
-    monkeypatch.setattr(sources, "load_hub", local)
+    monkeypatch.setattr(hub, "load_hub", local)
 
 
 def test_image_column_found_and_scaled(image_files, tmp_path):
@@ -160,3 +160,24 @@ def test_check_spec_is_cheap_and_rejects_test_path():
         check_spec("hf:ylecun/mnist", "t.parquet")
     with pytest.raises(DataError):
         check_spec("hf:")
+
+
+def test_hf_image_data_gets_the_cnn_by_default(monkeypatch, image_files, tmp_path):
+    from flwr_scaling.run.config import RunConfig
+
+    hub_as(monkeypatch, image_files, tmp_path)
+    cfg = RunConfig(dataset="hf:local/mnist-mini", num_clients=3).resolved()
+    assert cfg.model == "cnn"  # the loaded data are images (the entry cannot tell before loading)
+    assert load_federated_data(cfg.data_spec()).default_model == "cnn"
+    RunConfig(dataset="hf:local/mnist-mini", model="cnn").validate()  # hf: may hold images: cnn is accepted
+
+
+def test_hf_table_data_gets_logreg_by_default(monkeypatch, tmp_path):
+    from datasets import Dataset
+
+    from flwr_scaling.run.config import RunConfig
+
+    path = tmp_path / "tab.parquet"
+    Dataset.from_dict({"a": [float(i) for i in range(40)], "label": [i % 2 for i in range(40)]}).to_parquet(str(path))
+    hub_as(monkeypatch, {"train": str(path)}, tmp_path)
+    assert RunConfig(dataset="hf:local/tab", num_clients=3).resolved().model == "logreg"

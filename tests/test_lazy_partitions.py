@@ -17,9 +17,9 @@ DIGITS = DataSpec()
 @pytest.fixture
 def calls(monkeypatch):
     """The partition ids that reach flwr-datasets' ``load_partition``, in order (fresh partitioners)."""
-    data_module._partitioner.cache_clear()
+    data_module.partitioner_for.cache_clear()
     seen: list[int] = []
-    build = data_module._partitioner.__wrapped__
+    build = data_module.partitioner_for.__wrapped__
 
     def counting_build(spec):
         partitioner = build(spec)
@@ -32,9 +32,9 @@ def calls(monkeypatch):
         partitioner.load_partition = load
         return partitioner
 
-    monkeypatch.setattr(data_module, "_partitioner", functools.lru_cache(maxsize=4)(counting_build))
+    monkeypatch.setattr(data_module, "partitioner_for", functools.lru_cache(maxsize=4)(counting_build))
     yield seen
-    data_module._partitioner.cache_clear()
+    data_module.partitioner_for.cache_clear()
 
 
 @pytest.mark.parametrize("partitioner", ["iid", "dirichlet"])
@@ -45,7 +45,7 @@ def test_one_partition_of_many_touches_only_its_own_rows(calls, partitioner):
     assert calls == [7]  # nobody else's partition was asked for
     indices = partition_indices(spec, 7)
     assert len(part) == len(indices) < 0.05 * len(load_federated_data(DIGITS).train)
-    cache = getattr(data_module._partitioner(spec), data_module._INDICES_ATTR)
+    cache = getattr(data_module.partitioner_for(spec), data_module.PARTITION_INDICES_ATTR)
     assert list(cache) == [7]  # the process keeps the rows of the partitions it used, nothing else
     again = load_partition(spec, 7)
     assert calls == [7]  # the second load is a lookup
@@ -56,12 +56,12 @@ def test_one_partition_of_many_touches_only_its_own_rows(calls, partitioner):
 @pytest.mark.parametrize("partitioner", ["dirichlet", "iid", "shard"])
 def test_cached_lookup_gives_the_same_rows_as_flwr_datasets(partitioner):
     spec = PartitionSpec(DIGITS, 10, 0.5, partitioner, 2)
-    data_module._partitioner.cache_clear()
+    data_module.partitioner_for.cache_clear()
     train = load_federated_data(DIGITS).train
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)
         for pid in (3, 0, 9, 3):
-            expected = np.asarray(data_module._partitioner(spec).load_partition(pid)["index"], dtype=np.int64)
+            expected = np.asarray(data_module.partitioner_for(spec).load_partition(pid)["index"], dtype=np.int64)
             np.testing.assert_array_equal(partition_indices(spec, pid), expected)
             np.testing.assert_array_equal(load_partition(spec, pid).labels, train.labels[expected])
 
@@ -71,8 +71,8 @@ def test_indices_are_read_only_and_dropped_with_the_partitioner():
     indices = partition_indices(spec, 2)
     with pytest.raises(ValueError):
         indices[0] = 0
-    data_module._partitioner.cache_clear()
-    assert getattr(data_module._partitioner(spec), data_module._INDICES_ATTR, None) is None
+    data_module.partitioner_for.cache_clear()
+    assert getattr(data_module.partitioner_for(spec), data_module.PARTITION_INDICES_ATTR, None) is None
     np.testing.assert_array_equal(partition_indices(spec, 2), indices)
 
 

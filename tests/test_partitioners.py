@@ -28,7 +28,7 @@ def label_counts(spec: PartitionSpec) -> np.ndarray:
 
 def fresh(spec: PartitionSpec) -> np.ndarray:
     """The partition cut again from scratch (no cached partitioner)."""
-    data_module._partitioner.cache_clear()
+    data_module.partitioner_for.cache_clear()
     return label_counts(spec)
 
 
@@ -81,7 +81,7 @@ def test_shard_gives_every_client_exactly_shard_classes(clients, classes):
 
 def test_shard_with_too_few_slots_warns_and_leaves_classes_out():
     spec = PartitionSpec(DIGITS, 3, 0.5, "shard", 3)
-    data_module._partitioner.cache_clear()
+    data_module.partitioner_for.cache_clear()
     with pytest.warns(UserWarning, match="leave 5 of the 10 classes to no client"):
         load_partition(spec, 0)
     counts = label_counts(spec)

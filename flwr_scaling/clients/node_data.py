@@ -5,18 +5,15 @@ A SuperNode (or a simulated node) is started with either
 - ``partition-id=I num-partitions=N``: the demo split, partition ``I`` of the
   run's dataset divided among ``N`` clients (``N`` must equal ``num-clients``);
 - ``data-path="SPEC"``: the device's own data, any dataset spec that
-  :mod:`flwr_scaling.data.sources` understands (``libsvm:/data/local.svm``,
+  the source registry (:mod:`flwr_scaling.data.sources`) understands (``libsvm:/data/local.svm``,
   ``csv:/data/local.csv``, ``parquet:...``, ``idx:DIR``), optionally with
   ``eval-path="SPEC"`` for a held-out part used by the ``evaluate`` handler,
   ``partition-id=I`` to fix the node's rank and seed (else a hash of the path),
   and ``standardize=true|false`` (default: true for tabular runs).
 
-A node file must be in the feature space of the run's ``dataset`` (the
-server's test data): the same number of features (rows are reshaped to the
-model's input shape; LIBSVM rows shorter than that are padded with zeros) and
-labels that are already class indices ``0..K-1`` (``-1``/``+1`` is accepted
-for two classes). Labels are never re-encoded per node: a node that holds only
-classes 3 and 7 keeps them as 3 and 7.
+A node file must be in the feature space of the run's ``dataset``; reading it
+is :mod:`flwr_scaling.data.node_files`' job, this module picks which data a
+node uses from its node config and the run configuration.
 
 The client's code is the same in simulation and deployment; only the node
 config differs.
@@ -26,22 +23,18 @@ from __future__ import annotations
 
 import zlib
 from collections.abc import Mapping
-from functools import lru_cache
-from pathlib import Path
 from typing import Any
 
-import numpy as np
-
-from flwr_scaling.run.config import ConfigError, RunConfig
+from flwr_scaling.clients.logic import client_eval_partition, client_partition, split_for_eval
 from flwr_scaling.data.federated import Split, load_federated_data
-from flwr_scaling.data.sources import DataError, check_spec, parse_spec, read_libsvm
-from flwr_scaling.clients.logic import _split_for_eval, client_eval_partition, client_partition
+from flwr_scaling.data.node_files import STANDARDIZE, load_node_file, standardize_setting
+from flwr_scaling.errors import ConfigError
+from flwr_scaling.run.config import RunConfig
 
 DATA_PATH = "data-path"
 EVAL_PATH = "eval-path"
 PARTITION_ID = "partition-id"
 NUM_PARTITIONS = "num-partitions"
-STANDARDIZE = "standardize"
 
 
 def uses_own_data(node_config: Mapping[str, Any]) -> bool:
@@ -78,7 +71,7 @@ def train_split(node_config: Mapping[str, Any], cfg: RunConfig) -> Split:
         return client_partition(cfg, key)
     split = _node_file(cfg, node_config, str(node_config[DATA_PATH]))
     if cfg.client_eval_every and not node_config.get(EVAL_PATH):
-        return _split_for_eval(split, cfg.seed, key)[0]
+        return split_for_eval(split, cfg.seed, key)[0]
     return split
 
 
@@ -91,63 +84,13 @@ def eval_split(node_config: Mapping[str, Any], cfg: RunConfig) -> Split:
     if node_config.get(EVAL_PATH):
         return _node_file(cfg, node_config, str(node_config[EVAL_PATH]))
     split = _node_file(cfg, node_config, str(node_config[DATA_PATH]))
-    return _split_for_eval(split, cfg.seed, key)[1] if cfg.client_eval_every else split
+    return split_for_eval(split, cfg.seed, key)[1] if cfg.client_eval_every else split
 
 
 def _node_file(cfg: RunConfig, node_config: Mapping[str, Any], spec: str) -> Split:
     data = load_federated_data(cfg.data_spec())
-    standardize = node_config.get(STANDARDIZE)
-    if standardize is None:
-        standardize = len(data.input_shape) == 1  # tabular runs are standardised, images are not
-    elif isinstance(standardize, str):
-        standardize = standardize.strip().lower() in ("1", "true", "yes")
-    return _load_node_file(spec, cfg.label_column, tuple(data.input_shape), data.num_classes, bool(standardize))
+    shape = tuple(data.input_shape)
+    return load_node_file(spec, cfg.label_column, shape, data.num_classes, standardize_setting(node_config, shape))
 
 
-@lru_cache(maxsize=4)
-def _load_node_file(spec: str, label_column: str, input_shape: tuple[int, ...], num_classes: int, standardize: bool) -> Split:
-    """Features reshaped to ``input_shape`` and labels kept as class indices."""
-    from flwr_scaling.data.federated import sources
-
-    kind, path = parse_spec(spec)
-    if path is None:  # a bundled dataset: already encoded and scaled
-        source = sources.load_source(spec, label_column)
-        features, raw = source.features, source.labels
-    else:
-        path = Path(path).expanduser()
-        check_spec(f"{kind}:{path}")
-        if kind == "libsvm":
-            raw, rows, width = read_libsvm(path)
-            features = sources._dense(rows, max(width, int(np.prod(input_shape))))
-        elif kind == "idx":
-            pairs = sources._idx_pairs(path)
-            features, raw = sources._idx_set(*pairs.get("train", next(iter(pairs.values()))))
-        else:
-            features, raw = sources._table_columns(path, kind, label_column)
-    features = np.asarray(features, dtype=np.float32)
-    expected = int(np.prod(input_shape))
-    if features[0].size != expected:
-        raise DataError(
-            f"{spec}: {features[0].size} features per example, but the run's dataset has {expected} "
-            f"(input shape {input_shape}); the node's file must be in the run's feature space"
-        )
-    features = features.reshape((len(features), *input_shape))
-    if standardize:
-        features = (features - features.mean(axis=0)) / (features.std(axis=0) + 1e-12)
-    return Split(features.astype(np.float32), _class_indices(spec, np.asarray(raw), num_classes))
-
-
-def _class_indices(spec: str, raw: np.ndarray, num_classes: int) -> np.ndarray:
-    values = np.unique(raw)
-    if num_classes == 2 and set(values.tolist()) <= {-1.0, 1.0} and -1.0 in values:
-        return ((raw + 1) // 2).astype(np.int64)
-    if np.all(values == np.round(values)) and values.min() >= 0 and values.max() < num_classes:
-        return raw.astype(np.int64)
-    shown = ", ".join(f"{v:g}" for v in values[:6])
-    raise DataError(
-        f"{spec}: labels {shown}{'...' if len(values) > 6 else ''} are not class indices 0..{num_classes - 1} "
-        f"(or -1/+1 for two classes); write the labels as the run's class indices"
-    )
-
-
-__all__ = ["eval_split", "node_key", "train_split", "uses_own_data"]
+__all__ = ["STANDARDIZE", "eval_split", "node_key", "train_split", "uses_own_data"]

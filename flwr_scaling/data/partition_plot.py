@@ -7,7 +7,7 @@ import tempfile
 import warnings
 from pathlib import Path
 
-from flwr_scaling.data.federated import PartitionSpec, _load_part, _partitioner
+from flwr_scaling.data.federated import PartitionSpec, cut_partition, partitioner_for
 
 
 def plot_title(spec: PartitionSpec) -> str:
@@ -27,8 +27,8 @@ def plot_partitions(spec: PartitionSpec, path: str | os.PathLike) -> Path:
     import matplotlib.pyplot as plt
     from flwr_datasets.visualization import plot_label_distributions
 
-    _load_part(spec, 0)  # checks the settings and cuts the partition (one-line errors)
-    partitioner = _partitioner(spec)
+    cut_partition(spec, 0)  # checks the settings and cuts the partition (one-line errors)
+    partitioner = partitioner_for(spec)
     target = Path(path)
     target.parent.mkdir(parents=True, exist_ok=True)
     width = min(4.0 + 0.35 * spec.num_partitions, 40.0)

@@ -15,19 +15,20 @@ from dataclasses import asdict, dataclass, fields, replace
 from typing import Any
 
 from flwr_scaling.protocol.wire import DTYPES as PRECOND_DTYPES
-from flwr_scaling.data.federated import EVAL_SPLITS, MIN_PARTITION_SIZE, PARTITIONERS, TEST_FRACTION, DataSpec, PartitionSpec
-from flwr_scaling.data.sources import BUNDLED, FILE_KINDS, DataError, check_spec
+from flwr_scaling.data.federated import EVAL_SPLITS, MIN_PARTITION_SIZE, TEST_FRACTION, DataSpec, PartitionSpec, default_model
+from flwr_scaling.data.partitioners import partitioner_names
+from flwr_scaling.data.sources import check_spec, named_sources, path_kinds, source_default_model, source_size
 from flwr_scaling.core.models import MODELS
 from flwr_scaling.core.rules import MODES, RULES, get_rule
-from flwr_scaling.errors import ConfigError
+from flwr_scaling.errors import ConfigError, DataError
 from flwr_scaling.methods import METHODS, get_method
 
 INITS = ("warmup", "ones")
 
-# Examples in the bundled scikit-learn datasets (fixed; tests/test_config.py
-# checks them against data.py). They bound num-clients before any data is
-# loaded: every client needs MIN_PARTITION_SIZE training examples.
-DATASET_SIZES = {"digits": 1797, "breast_cancer": 569, "wine": 178}
+# Examples in the bundled scikit-learn datasets, from their source-registry entries
+# (tests/test_config.py checks them against scikit-learn). They bound num-clients
+# before any data is loaded: every client needs MIN_PARTITION_SIZE training examples.
+DATASET_SIZES = {name: source_size(name) for name in named_sources() if source_size(name) is not None}
 # Integers travel in Flower ConfigRecords as sint64; seeds go to scikit-learn,
 # which takes 0 .. 2**32 - 1.
 INT_MAX = 2**63 - 1
@@ -112,7 +113,8 @@ class RunConfig:
         method = get_method(self.strategy)
         precond = self.precond or method.default_precond
         rule = get_rule(precond)
-        model = self.model or ("cnn" if _is_image(self.dataset) else "logreg")
+        # The source entry's model (cnn for images); for sources that hold either (hf:) the loaded data decides.
+        model = self.model or default_model(self.data_spec())
         return replace(
             self,
             precond=precond,
@@ -160,13 +162,13 @@ class RunConfig:
         _choice("precond-dtype", self.precond_dtype, PRECOND_DTYPES)
         _at_least("precond-every", self.precond_every, 1)
         kind, is_file, _ = self.dataset.partition(":")
-        if not is_file and kind not in BUNDLED:
+        if not is_file and kind not in named_sources():
             raise ConfigError(
-                f"dataset: unknown value {kind!r}{_suggest(kind, BUNDLED)} "
-                f"(a dataset from files is KIND:PATH, KIND one of {', '.join(FILE_KINDS)})"
+                f"dataset: unknown value {kind!r}{_suggest(kind, named_sources())} "
+                f"(a dataset from files is KIND:PATH, KIND one of {', '.join(path_kinds())})"
             )
-        if is_file and kind not in FILE_KINDS:
-            raise ConfigError(f"dataset {self.dataset!r}: unknown file kind {kind!r}{_suggest(kind, FILE_KINDS)}")
+        if is_file and kind not in path_kinds():
+            raise ConfigError(f"dataset {self.dataset!r}: unknown file kind {kind!r}{_suggest(kind, path_kinds())}")
         if not self.label_column:
             raise ConfigError("label-column must name a column of the data, got ''")
         try:
@@ -177,7 +179,7 @@ class RunConfig:
         if self.model is not None:
             _choice("model", self.model, MODELS)
             # hf: datasets may hold images; only loading them tells (a CNN on tables fails then, in one line).
-            if self.model == "cnn" and not _is_image(self.dataset) and not self.dataset.startswith("hf:"):
+            if self.model == "cnn" and source_default_model(self.dataset) not in ("cnn", None):
                 raise ConfigError(f"model 'cnn' needs image data; dataset {self.dataset!r} is tabular: use --model mlp or logreg")
         _range("precond-beta", self.precond_beta, 0.0, 1.0, high_open=True)
         _range("adam-beta1", self.adam_beta1, 0.0, 1.0, high_open=True)
@@ -187,7 +189,7 @@ class RunConfig:
         _positive("server-lr", self.server_lr)
         _positive("server-tau", self.server_tau)
         _range("proximal-mu", self.proximal_mu, 0.0, math.inf, high_open=True)
-        _choice("partitioner", self.partitioner, PARTITIONERS)
+        _choice("partitioner", self.partitioner, partitioner_names())
         _at_least("shard-classes", self.shard_classes, 1)
         _at_least("client-eval-every", self.client_eval_every, 0)
         _positive("dirichlet-alpha", self.dirichlet_alpha)
@@ -222,16 +224,12 @@ class RunConfig:
             raise ConfigError(f"out must be a folder name without NUL characters, got {self.out!r}")
 
 
-def _is_image(dataset: str) -> bool:
-    return dataset == "digits" or dataset.startswith("idx:")
-
-
 def train_size(dataset: str, eval_split: str = "test") -> int | None:
     """Training examples of a bundled ``dataset`` (what the clients share), as ``data.load_federated_data``
     splits it; ``None`` for other datasets, whose size is known only once they are loaded."""
-    if dataset not in DATASET_SIZES:
+    size = source_size(dataset)
+    if size is None:
         return None
-    size = DATASET_SIZES[dataset]
     for _ in range(2 if eval_split == "validation" else 1):
         size -= math.ceil(size * TEST_FRACTION)  # scikit-learn's train_test_split rounds the test part up
     return size

@@ -1,0 +1,79 @@
+"""``libsvm:FILE``: LIBSVM text (``label index:value ...``, 1-based indices), read into dense rows."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import numpy as np
+
+from flwr_scaling.data.source_types import Source, SourceKind, check_files, encode_labels
+from flwr_scaling.errors import DataError
+
+_TOKEN = re.compile(r"^([0-9]+):(\S+)$")
+
+
+def read_libsvm(path: Path) -> tuple[np.ndarray, list[dict[int, float]], int]:
+    """Raw labels, sparse rows (0-based index -> value) and the largest index + 1."""
+    labels, rows, width = [], [], 0
+    with open(path, encoding="utf-8", errors="replace") as handle:
+        for number, line in enumerate(handle, start=1):
+            text = line.split("#", 1)[0].strip()
+            if not text:
+                continue
+            tokens = text.split()
+            try:
+                labels.append(float(tokens[0]))
+            except ValueError:
+                raise DataError(f"{path}:{number}: expected a numeric label first, got {tokens[0]!r}") from None
+            row, previous = {}, 0
+            for token in tokens[1:]:
+                match = _TOKEN.match(token)
+                if match is None:
+                    raise DataError(f"{path}:{number}: expected index:value, got {token!r}")
+                index = int(match.group(1))
+                try:
+                    value = float(match.group(2))
+                except ValueError:
+                    raise DataError(f"{path}:{number}: expected a number after {index}:, got {match.group(2)!r}") from None
+                if index < 1 or index <= previous:
+                    raise DataError(f"{path}:{number}: indices must be 1-based and increasing, got {index} after {previous}")
+                if not np.isfinite(value):
+                    raise DataError(f"{path}:{number}: value {match.group(2)!r} at index {index} is not finite")
+                row[index - 1] = value
+                previous = index
+            rows.append(row)
+            width = max(width, previous)
+    if not rows:
+        raise DataError(f"{path}: no examples (expected lines 'label index:value ...')")
+    return np.asarray(labels), rows, width
+
+
+def dense_rows(rows: list[dict[int, float]], width: int) -> np.ndarray:
+    """Sparse rows as a float32 (len(rows), width) array, zeros where a row has no value."""
+    out = np.zeros((len(rows), width), dtype=np.float32)
+    for i, row in enumerate(rows):
+        if row:
+            out[i, list(row)] = list(row.values())
+    return out
+
+
+def load_libsvm(target: str, label_column: str, test_path: str) -> Source:
+    """A LIBSVM file (and its test file), labels encoded as 0..K-1 the same way in both."""
+    raw_labels, rows, width = read_libsvm(Path(target))
+    if test_path:
+        test_labels, test_rows, test_width = read_libsvm(Path(test_path))
+        width = max(width, test_width)
+        labels, test_y = encode_labels(raw_labels, test_labels)
+        return Source(dense_rows(rows, width), labels, (width,), "logreg", (dense_rows(test_rows, width), test_y))
+    (labels,) = encode_labels(raw_labels)
+    return Source(dense_rows(rows, width), labels, (width,), "logreg")
+
+
+def read_node_libsvm(target: str, label_column: str, num_features: int) -> tuple[np.ndarray, np.ndarray]:
+    """A node's file: rows shorter than the run's ``num_features`` are padded with zeros (sparse rows end early)."""
+    raw, rows, width = read_libsvm(Path(target))
+    return dense_rows(rows, max(width, num_features)), raw
+
+
+LIBSVM = SourceKind("libsvm", load_libsvm, check=check_files, image=False, read_node=read_node_libsvm)
