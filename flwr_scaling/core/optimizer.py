@@ -43,13 +43,10 @@ from typing import Any
 import numpy as np
 import torch
 
-from flwr_scaling.core.local_sgd import MODES, hutchinson_diagonal
-from flwr_scaling.core.rules import STAT_GRAD_SQUARED, STAT_HUTCHINSON, ScalingRule, diagonal_bounds, get_rule
-from flwr_scaling.core.rules import ones_like
+from flwr_scaling.core.local_sgd import hutchinson_diagonal
+from flwr_scaling.core.rules import MODES, STAT_GRAD_SQUARED, STAT_HUTCHINSON, ScalingRule, diagonal_bounds, get_rule
 
 Tensors = dict[str, torch.Tensor]
-# The alpha of a rule entry that names none (rules.py gives each rule a default_alpha).
-FALLBACK_ALPHA = 1e-3
 
 
 def _as_tensor(value: Any) -> torch.Tensor:
@@ -104,7 +101,7 @@ class Preconditioner:
         rule = get_rule(self.rule)  # ValueError naming the known rules
         if self.mode not in MODES:
             raise ValueError(f"Preconditioner: unknown mode {self.mode!r}; choose one of {', '.join(MODES)}")
-        alpha = self.alpha if self.alpha is not None else getattr(rule, "default_alpha", FALLBACK_ALPHA)
+        alpha = self.alpha if self.alpha is not None else rule.default_alpha
         if not (isinstance(alpha, (int, float)) and math.isfinite(alpha) and alpha > 0):
             raise ValueError(f"Preconditioner: alpha must be a finite number > 0, got {alpha!r}")
         object.__setattr__(self, "alpha", float(alpha))
@@ -206,9 +203,7 @@ class ScaledSGD(torch.optim.Optimizer):
         """v_p as one tensor per parameter, checked, in each parameter's dtype and device."""
         state = self.precond.state
         if state is None:
-            init = getattr(self.rule, "init", None)
-            detached = {n: p.detach() for n, p in zip(self.names, self._params, strict=True)}
-            state = init(detached) if init is not None else ones_like(detached)
+            state = self.rule.init({n: p.detach() for n, p in zip(self.names, self._params, strict=True)})
         missing = [n for n in self.names if n not in state]
         extra = [k for k in state if k not in set(self.names)]
         if missing or extra:
@@ -227,7 +222,6 @@ class ScaledSGD(torch.optim.Optimizer):
         return values
 
     def _init_state(self) -> None:
-        needs_moment = getattr(self.rule, "first_moment", False)
         start = self._starting_state() if self.rule.has_state else None
         diag = self._diagonal(start) if start is not None else None
         local = self.precond.mode == "local"
@@ -239,7 +233,7 @@ class ScaledSGD(torch.optim.Optimizer):
                     entry["v"] = start[index].clone()
                 else:
                     entry["stat_sum"] = torch.zeros_like(param)
-            if needs_moment:
+            if self.rule.first_moment:
                 entry["m"] = torch.zeros_like(param)
             if self.precond.momentum:
                 entry["velocity"] = torch.zeros_like(param)
