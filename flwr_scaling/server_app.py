@@ -28,16 +28,32 @@ from flwr_scaling.core.local_sgd import evaluate
 NODE_INFO_MESSAGE_TYPE = f"{MessageType.QUERY}.node_info"
 
 
-def make_strategy(cfg: RunConfig) -> Savic:
+def make_strategy(cfg: RunConfig, **runtime) -> Savic | ServerOptimizer:
     """The strategy for a resolved configuration.
 
     ``savic`` and ``fedavg`` (SAVIC with identity scaling) as configured;
     ``fedprox`` and ``local-adam`` are FedAvg on the server (their difference
     is on the clients); ``fedadam``, ``fedyogi`` and ``fedadagrad`` are FedAvg
     followed by Flower's own server-optimizer step (eta = server-lr,
-    tau = server-tau, Flower's beta_1 = 0.9 and beta_2 = 0.99).
+    tau = server-tau, Flower's beta_1 = 0.9 and beta_2 = 0.99). ``runtime``: the
+    strategy's options known once the run has started (``node_order``, and
+    ``precond_state``, ``sampler_state``, ``round_offset``, ``last_broadcast``
+    when resuming).
     """
     common = dict(
+        min_successful_clients=cfg.min_successful_clients,
+        sampling_seed=derived_seed(cfg.seed, 0x5A),
+        client_eval_every=cfg.client_eval_every,
+        node_wait_s=cfg.wait_for_nodes_s,
+        fraction_train=cfg.clients_per_round / cfg.num_clients,
+        fraction_evaluate=0.0,
+        min_train_nodes=cfg.clients_per_round,
+        min_available_nodes=cfg.num_clients,
+        **runtime,
+    )
+    if cfg.strategy in SERVER_OPTIMIZERS:
+        return ServerOptimizer(optimizer=cfg.strategy, eta=cfg.server_lr, tau=cfg.server_tau, eta_l=cfg.lr, **common)
+    scaling = dict(
         precond=cfg.precond,
         precond_mode=cfg.precond_mode,
         precond_beta=cfg.precond_beta,
@@ -45,16 +61,8 @@ def make_strategy(cfg: RunConfig) -> Savic:
         precond_init=cfg.precond_init,
         precond_dtype=cfg.precond_dtype,
         precond_every=cfg.precond_every,
-        min_successful_clients=cfg.min_successful_clients,
-        sampling_seed=derived_seed(cfg.seed, 0x5A),
-        fraction_train=cfg.clients_per_round / cfg.num_clients,
-        fraction_evaluate=0.0,
-        min_train_nodes=cfg.clients_per_round,
-        min_available_nodes=cfg.num_clients,
     )
-    if cfg.strategy in SERVER_OPTIMIZERS:
-        return ServerOptimizer(optimizer=cfg.strategy, eta=cfg.server_lr, tau=cfg.server_tau, eta_l=cfg.lr, **common)
-    return Savic(server_lr=cfg.server_lr, **common)
+    return Savic(server_lr=cfg.server_lr, **scaling, **common)
 
 
 def wait_for_nodes(grid: Grid, needed: int, timeout_s: float) -> None:
@@ -84,7 +92,7 @@ def describe_nodes(grid: Grid, config: dict, timeout_s: float) -> dict[int, int]
     return order
 
 
-def run_server(grid: Grid, config: RunConfig, resume: Checkpoint | None = None) -> Savic:
+def run_server(grid: Grid, config: RunConfig, resume: Checkpoint | None = None) -> Savic | ServerOptimizer:
     """Run every round of ``config`` on ``grid`` (from ``resume`` on, if given).
 
     Returns the strategy (its preconditioner state and per-round history).
@@ -95,22 +103,18 @@ def run_server(grid: Grid, config: RunConfig, resume: Checkpoint | None = None) 
     data = load_federated_data(cfg.data_spec())
     model = initial_model(cfg.model, data.input_shape, data.num_classes, cfg.seed)
     test_x, test_y = data.test.tensors()
-    strategy = make_strategy(cfg)
-    strategy.node_order = describe_nodes(grid, flower_config, cfg.wait_for_nodes_s)
-    strategy.client_eval_every = cfg.client_eval_every
-    strategy.node_wait_s = cfg.wait_for_nodes_s
+    runtime = {"node_order": describe_nodes(grid, flower_config, cfg.wait_for_nodes_s)}
     recorder = RunRecorder(cfg.out, flower_config, cfg.label())
     done = 0
     initial = torch_to_numpy(model.state_dict())
     if resume is not None:
         done = resume.round
         initial = resume.model
-        strategy.precond_state = resume.precond_state
-        strategy.sampler_state = resume.sampler_state
+        runtime.update(precond_state=resume.precond_state, sampler_state=resume.sampler_state, round_offset=done)
         if resume.broadcast_version is not None:
-            strategy.broadcast = (resume.broadcast_version, resume.broadcast_state)
-        strategy.round_offset = done
+            runtime["last_broadcast"] = (resume.broadcast_version, resume.broadcast_state)
         recorder.restore(resume.rows)
+    strategy = make_strategy(cfg, **runtime)
 
     def evaluate_fn(server_round: int, arrays) -> MetricRecord:
         current = record_to_numpy(arrays)

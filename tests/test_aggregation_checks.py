@@ -17,13 +17,13 @@ import logging
 import numpy as np
 import pytest
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message
-from flwr.supercore.task_identity import TaskIdentity
 
+from flwr_scaling.protocol.flower_adapter import task_identity as server_task_identity
 from flwr_scaling.core.arrays import checked_weighted_average, weighted_average
 from flwr_scaling.protocol.records import array_layout, array_view
 from flwr_scaling.core.rules import get_rule
 from flwr_scaling.strategies import Savic
-from flwr_scaling.strategies.screening import describe, reply_problem
+from flwr_scaling.strategies.screening import ReplyScreen, describe, reply_problem
 
 try:  # tests/ as a package or as a rootdir-inserted folder
     from .fakes import FakeGrid, as_numpy, error_reply, record, train_reply
@@ -54,11 +54,10 @@ WARM = {"w": f32([2, 2], [2, 2]), "b": f32(4, 4)}
 
 
 @pytest.fixture(autouse=True)
-def task_identity(monkeypatch):
+def task_identity():
     """Messages can only be built inside a running app; pretend to be one."""
-    monkeypatch.setattr(TaskIdentity, "_run_id", 1)
-    monkeypatch.setattr(TaskIdentity, "_node_id", 0)
-    monkeypatch.setattr(TaskIdentity, "_task_id", 1)
+    with server_task_identity(task_id=1, run_id=1, node_id=0):
+        yield
 
 
 @pytest.fixture
@@ -75,10 +74,10 @@ def warnings_logged():
     logger.removeHandler(handler)
 
 
-def configured(rule: str = "adam", mode: str = "global", nodes=(A, B, C, D)) -> tuple[Savic, dict[int, Message]]:
+def configured(rule: str = "adam", mode: str = "global", nodes=(A, B, C, D), **options) -> tuple[Savic, dict[int, Message]]:
     """A strategy after its warm-up (every node sends WARM) and the round's train messages by node."""
     strategy = Savic(precond=rule, precond_mode=mode, precond_beta=0.5, precond_alpha=0.1, sampling_seed=0,
-                     min_train_nodes=2, min_available_nodes=2)
+                     min_train_nodes=2, min_available_nodes=2, **options)
     grid = FakeGrid(nodes, {node: (WARM, SIZES[node]) for node in nodes})
     messages = strategy.configure_train(1, record(X0), ConfigRecord({"lr": 0.1}), grid)
     return strategy, {m.metadata.dst_node_id: m for m in messages}
@@ -190,14 +189,14 @@ def test_oasis_keeps_negative_statistics_and_rejects_nan(warnings_logged):
 
 def test_good_round_takes_the_fast_path_and_a_bad_one_screens_again(monkeypatch):
     calls = []
-    full_screen = Savic._screen  # noqa: SLF001
+    full_screen = ReplyScreen.screen
 
     def counting_screen(self, *args, **kwargs):
         calls.append(1)
         return full_screen(self, *args, **kwargs)
 
     (clean, clean_messages), (dirty, dirty_messages) = configured(), configured()  # warm-ups screen too
-    monkeypatch.setattr(Savic, "_screen", counting_screen)
+    monkeypatch.setattr(ReplyScreen, "screen", counting_screen)
     clean.aggregate_train(1, [good(clean_messages, A), good(clean_messages, B)])
     assert calls == []  # values checked on the averages only
     dirty.aggregate_train(1, [good(dirty_messages, A), faulty(dirty_messages, B, "nan-model"), good(dirty_messages, C)])
@@ -205,8 +204,7 @@ def test_good_round_takes_the_fast_path_and_a_bad_one_screens_again(monkeypatch)
 
 
 def test_too_few_replies_after_the_fallback_fail_the_round(warnings_logged):
-    strategy, messages = configured()
-    strategy.min_successful_clients = 2
+    strategy, messages = configured(min_successful_clients=2)
     before = {k: v.copy() for k, v in strategy.precond_state.items()}
     arrays, metrics = strategy.aggregate_train(1, [good(messages, A), faulty(messages, B, "inf-model")])
     assert arrays is None

@@ -12,8 +12,8 @@ import re
 import numpy as np
 import pytest
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
-from flwr.supercore.task_identity import TaskIdentity
 
+from flwr_scaling.protocol.flower_adapter import task_identity as server_task_identity, wire_copy
 from flwr_scaling.protocol.wire import (
     DTYPES,
     MAX_EXPONENT,
@@ -202,12 +202,9 @@ def test_malformed_raw_arrays_are_refused(array, message):
 @pytest.mark.usefixtures("task_identity")
 def test_raw_arrays_survive_flowers_message_serialisation():
     # What the SuperLink transport does to a message (protobuf), as flwr_scaling.run.inprocess does.
-    from flwr.common.serde import message_from_proto, message_to_proto
-
     content = RecordDict({"config": ConfigRecord({"lr": 0.1})})
     put_encoded(content, "precond", {"w": np.array([[1.0, 2.0]], np.float32)}, dtype="float16")
-    proto = message_to_proto(Message(content=content, dst_node_id=5, message_type="train"))
-    received = message_from_proto(type(proto).FromString(proto.SerializeToString()))
+    received = wire_copy(Message(content=content, dst_node_id=5, message_type="train"))
     array = received.content["precond"]["w"]
     assert (array.stype, array.dtype, tuple(array.shape)) == ("raw", "float16", (1, 2))
     assert dict(received.content["precond-scale"].items()) == {"w": 13}
@@ -259,10 +256,9 @@ V1 = {"w": np.array([[1.5, 2.5], [3.5, 4.5]], np.float32), "b": np.array([3, 3.5
 
 
 @pytest.fixture
-def task_identity(monkeypatch):
-    monkeypatch.setattr(TaskIdentity, "_run_id", 1)
-    monkeypatch.setattr(TaskIdentity, "_node_id", 0)
-    monkeypatch.setattr(TaskIdentity, "_task_id", 1)
+def task_identity():
+    with server_task_identity(task_id=1, run_id=1, node_id=0):
+        yield
 
 
 def encoded_reply(message: Message, stats, n: int, dtype: str, *, model=None) -> Message:

@@ -13,8 +13,8 @@ from dataclasses import replace
 import numpy as np
 import pytest
 from flwr.app import ConfigRecord, Context, Message, MessageType, RecordDict
-from flwr.supercore.task_identity import TaskIdentity
 
+from flwr_scaling.protocol.flower_adapter import task_identity as server_task_identity
 from flwr_scaling.core.arrays import torch_to_numpy
 from flwr_scaling.protocol.records import numpy_to_record
 from flwr_scaling.clients import client_app
@@ -46,10 +46,9 @@ STATE_BYTES = MODEL_BYTES  # float32 state, same layout as the model
 
 
 @pytest.fixture(autouse=True)
-def task_identity(monkeypatch):
-    monkeypatch.setattr(TaskIdentity, "_run_id", 1)
-    monkeypatch.setattr(TaskIdentity, "_node_id", 0)
-    monkeypatch.setattr(TaskIdentity, "_task_id", 1)
+def task_identity():
+    with server_task_identity(task_id=1, run_id=1, node_id=0):
+        yield
 
 
 def make(**kwargs) -> Savic:
@@ -191,9 +190,8 @@ def test_a_client_that_lacks_the_state_is_counted_as_failed_and_served_next_time
 
 
 def test_a_resumed_strategy_sends_the_state_in_its_first_round():
-    strategy = make(precond_every=5)
-    strategy.precond_state = {k: v.copy() for k, v in WARM.items()}
-    strategy.round_offset = 6  # rounds 1-6 done before; 7 is no refresh round (1, 6, 11, ...)
+    # rounds 1-6 done before; 7 is no refresh round (1, 6, 11, ...)
+    strategy = make(precond_every=5, precond_state={k: v.copy() for k, v in WARM.items()}, round_offset=6)
     messages = configure(strategy, grid_of([A, B]), 1)
     assert with_state(messages) == {A, B}
     assert {m.content["config"][VERSION_KEY] for m in messages.values()} == {7}

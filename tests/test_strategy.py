@@ -12,10 +12,9 @@ import math
 import numpy as np
 import pytest
 from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
-from flwr.serverapp.exception import InconsistentMessageReplies
 from flwr.serverapp.strategy import FedAvg
-from flwr.supercore.task_identity import TaskIdentity
 
+from flwr_scaling.protocol.flower_adapter import InconsistentMessageReplies, task_identity as server_task_identity
 from flwr_scaling.strategies import WARMUP_MESSAGE_TYPE, Savic
 
 try:  # tests/ as a package or as a rootdir-inserted folder
@@ -54,11 +53,10 @@ LOSS_A, LOSS_B = 2.0, 1.0  # weighted: 0.25*2 + 0.75*1 = 1.25
 
 
 @pytest.fixture(autouse=True)
-def task_identity(monkeypatch):
+def task_identity():
     """Messages can only be built inside a running app; pretend to be one."""
-    monkeypatch.setattr(TaskIdentity, "_run_id", 1)
-    monkeypatch.setattr(TaskIdentity, "_node_id", SERVER_NODE)
-    monkeypatch.setattr(TaskIdentity, "_task_id", 1)
+    with server_task_identity(task_id=1, run_id=1, node_id=SERVER_NODE):
+        yield
 
 
 def make(**kwargs) -> Savic:
@@ -473,8 +471,7 @@ def test_failed_warmup_falls_back_to_ones():
     ],
 )
 def test_precond_bounds_by_hand(rule, alpha, state, expected):
-    strategy = make(precond=rule, precond_alpha=alpha)
-    strategy.precond_state = state
+    strategy = make(precond=rule, precond_alpha=alpha, precond_state=state)
     assert strategy.precond_bounds() == pytest.approx(expected, rel=1e-6)
 
 
@@ -651,8 +648,8 @@ def test_client_evaluation_every_k_rounds_summarises_accuracies():
 
 
 def test_round_goes_on_with_the_connected_nodes_after_node_wait_s():
-    strategy = make(precond="identity", min_available_nodes=3, min_train_nodes=3)
-    strategy.node_wait_s = 0.0  # a node dropped out: do not wait for it
+    # a node dropped out: do not wait for it
+    strategy = make(precond="identity", min_available_nodes=3, min_train_nodes=3, node_wait_s=0.0)
     messages = by_node(strategy.configure_train(1, record(X0), ConfigRecord({}), FakeGrid((A, B), {})))
     assert set(messages) == {A, B}
 
@@ -666,7 +663,7 @@ def test_without_node_wait_s_the_sampler_waits_like_flowers(monkeypatch):
         if len(naps) == 3:
             raise TimeoutError("still waiting")
 
-    monkeypatch.setattr("flwr_scaling.strategies.savic.time.sleep", nap)
+    monkeypatch.setattr("flwr_scaling.strategies.sampling.time.sleep", nap)
     with pytest.raises(TimeoutError):
         list(strategy.configure_train(1, record(X0), ConfigRecord({}), FakeGrid((A, B), {})))
     assert len(naps) == 3

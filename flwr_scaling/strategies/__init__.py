@@ -1,4 +1,4 @@
-"""Server side: the SAVIC strategy (a Flower ``FedAvg`` subclass)."""
+"""Server side: the SAVIC strategy (a Flower ``FedAvg`` subclass), the FedOpt baselines and their collaborators."""
 
 from flwr_scaling.strategies.savic import WARMUP_MESSAGE_TYPE, Savic
 

@@ -1,14 +1,20 @@
-"""Checks on one client reply before it may touch the global model or preconditioner."""
+"""Checks on client replies before they may touch the global model or preconditioner, and their averages."""
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
+from logging import WARNING
+from typing import NamedTuple
 
 import numpy as np
 from flwr.app import ArrayRecord, Message, MetricRecord, RecordDict
 
-from flwr_scaling.protocol.records import array_layout, array_view
+from flwr_scaling.core.arrays import checked_weighted_average
 from flwr_scaling.core.rules import ScalingRule
+from flwr_scaling.protocol.flower_adapter import log
+from flwr_scaling.protocol.records import array_layout, array_view, record_views
+
+Layout = Mapping[str, tuple[tuple[int, ...], str]]
 
 
 def _arrays_problem(
@@ -132,3 +138,152 @@ def reply_problem(
             layout = {key: parameter_layout[key] for key in record.keys()}
         return _arrays_problem(stats_key, record, layout, rule.nonnegative, check_values)
     return None
+
+
+class RoundAverages(NamedTuple):
+    """A round's weighted averages (see ``ReplyScreen.average``)."""
+
+    model: dict[str, np.ndarray]
+    stats: dict[str, np.ndarray] | None  # None: the rule has no state
+    clean: bool  # no NaN, Inf or impossible negative value in any averaged reply
+
+
+class ReplyScreen:
+    """Screens a round's replies (``reply_problem``) and averages the accepted ones.
+
+    Parameters
+    ----------
+    rule : ScalingRule
+        The run's scaling rule: whether replies carry a statistic (or state),
+        and whether its entries may be negative.
+    arrayrecord_key : str (default: "arrays")
+        Key of the model ArrayRecord in replies.
+    stats_key : str (default: "stats")
+        Key of the statistic (or state) ArrayRecord in replies.
+    weighted_by_key : str (default: "num-examples")
+        Metric whose value weights the averages.
+    """
+
+    def __init__(
+        self,
+        *,
+        rule: ScalingRule,
+        arrayrecord_key: str = "arrays",
+        stats_key: str = "stats",
+        weighted_by_key: str = "num-examples",
+    ) -> None:
+        self.rule = rule
+        self.arrayrecord_key = arrayrecord_key
+        self.stats_key = stats_key
+        self.weighted_by_key = weighted_by_key
+
+    def weight(self, message: Message) -> float:
+        """The reply's ``weighted_by_key`` metric (screened: present and positive)."""
+        return float(split_records(message.content)[1][0][self.weighted_by_key])
+
+    def screen(self, replies: list[Message], *, stats_layout: Layout | None, parameter_layout: Layout,
+               with_model: bool = True) -> list[Message]:
+        """The replies that may be aggregated; every rejection is logged with its node and reason."""
+        accepted, rejections = self.screen_replies(
+            replies, stats_layout=stats_layout, parameter_layout=parameter_layout, with_model=with_model
+        )
+        log_rejections(rejections)
+        return accepted
+
+    def screen_replies(
+        self,
+        replies: list[Message],
+        *,
+        stats_layout: Layout | None,
+        parameter_layout: Layout,
+        with_model: bool = True,
+        check_values: bool = True,
+    ) -> tuple[list[Message], list[tuple[Message, str]]]:
+        """``(accepted, [(rejected reply, reason), ...])`` in reply order, nothing logged.
+
+        ``parameter_layout`` is the layout of the model sent. Until the server
+        holds a state (``stats_layout`` is ``None``), the first accepted
+        statistic fixes the layout (and the first accepted reply the metric
+        names) for the rest. ``check_values=False`` leaves out the checks of
+        the values (NaN, Inf, sign), which the caller then makes on the
+        averages; a reply rejected for its layout gets the reason the full
+        check gives it.
+        """
+        model_layout = parameter_layout if with_model else None
+        metric_keys = None
+        accepted, rejections = [], []
+        for message in replies:
+            options = dict(
+                arrayrecord_key=self.arrayrecord_key,
+                stats_key=self.stats_key,
+                weighted_by_key=self.weighted_by_key,
+                model_layout=model_layout,
+                rule=self.rule,
+                stats_layout=stats_layout,
+                parameter_layout=parameter_layout,
+                metric_keys=metric_keys,
+            )
+            problem = reply_problem(message, check_values=check_values, **options)
+            if problem is not None:
+                if not check_values:  # the reason a full check gives (a bad value may come first)
+                    problem = reply_problem(message, check_values=True, **options)
+                rejections.append((message, problem))
+                continue
+            accepted.append(message)
+            metric_keys = set(split_records(message.content)[1][0].keys())
+            if stats_layout is None and self.rule.has_state:
+                stats_layout = describe(message.content[self.stats_key])
+        return accepted, rejections
+
+    def average(self, accepted: list[Message]) -> RoundAverages:
+        """Weighted averages of the accepted replies' models and statistics, and whether all their values are good.
+
+        Good: every average is finite (so every value was, see
+        ``checked_weighted_average``) and, for a rule whose statistics cannot
+        be negative, no reply's statistic has a negative entry.
+        """
+        weights = [self.weight(m) for m in accepted]
+        # Views of the serialised bytes: nothing is copied but into the averages.
+        models = checked_weighted_average([record_views(m.content[self.arrayrecord_key]) for m in accepted], weights)
+        if not self.rule.has_state:
+            return RoundAverages(models.arrays, None, models.finite)
+        stats = checked_weighted_average(
+            [record_views(m.content[self.stats_key]) for m in accepted], weights, find_lowest=self.rule.nonnegative
+        )
+        return RoundAverages(models.arrays, stats.arrays, models.finite and stats.finite and not stats.lowest < 0)
+
+    def accept_and_average(
+        self,
+        replies: list[Message],
+        *,
+        stats_layout: Layout | None,
+        parameter_layout: Layout,
+        min_successful: int,
+        order: Callable[[Message], tuple],
+    ) -> tuple[list[Message], RoundAverages | None]:
+        """``(accepted replies sorted by order, their averages)``; averages ``None`` with fewer than ``min_successful``.
+
+        Screens the layouts only, then checks the values of all accepted
+        replies at once on their averages (no pass over each reply's data just
+        for the checks). Only when that finds a bad value, screens again reply
+        by reply with every check, which names the culprits and leaves them out.
+        """
+        layouts = dict(stats_layout=stats_layout, parameter_layout=parameter_layout)
+        accepted, rejections = self.screen_replies(replies, check_values=False, **layouts)
+        # A fixed order of summation makes the float averages identical from run to run.
+        accepted.sort(key=order)
+        enough = len(accepted) >= max(1, min_successful)
+        averages = self.average(accepted) if enough else None
+        if averages is not None and averages.clean:
+            log_rejections(rejections)
+            return accepted, averages
+        # a bad value somewhere, or too few replies to tell: as many as each full check leaves
+        accepted = sorted(self.screen(replies, **layouts), key=order)
+        enough = len(accepted) >= max(1, min_successful)
+        return accepted, self.average(accepted) if enough else None
+
+
+def log_rejections(rejections: list[tuple[Message, str]]) -> None:
+    """One warning per rejected reply, naming its node and the reason."""
+    for message, problem in rejections:
+        log(WARNING, "Rejected reply from node %s: %s", message.metadata.src_node_id, problem)
