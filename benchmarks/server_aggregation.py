@@ -21,9 +21,9 @@ For a model of N float32 parameters (1e5, 1e6, 1e7, split over 4 arrays of
   reply (layout, then NaN/Inf on the averages and the sign of every
   statistic), the byte count and FedAvg's own checks and metric average.
 * ``breakdown``: the parts of ``Savic.aggregate_train`` timed alone: the
-  screening of the layouts (``Savic._screen_replies(..., check_values=False)``
-  with ``Savic._stats_layout()``), the layout of the state alone
-  (``_stats_layout``), ``record_views`` of models and statistics, the two
+  screening of the layouts (``ReplyScreen.screen_replies(..., check_values=False)``
+  with ``Savic.stats_layout()``), the layout of the state alone
+  (``stats_layout``), ``record_views`` of models and statistics, the two
   checked averages, the state update (``state_from_average``), and Flower's
   model average for comparison.
 
@@ -171,10 +171,11 @@ class Setup:
         self.savic.aggregate_train(1, self.savic_replies)
 
     def screen(self) -> None:
-        self.savic._screen_replies(self.savic_replies, self.savic._stats_layout(), check_values=False)  # noqa: SLF001
+        self.savic.screen.screen_replies(self.savic_replies, stats_layout=self.savic.stats_layout(),
+                                         parameter_layout=self.savic.model_layout(), check_values=False)
 
     def stats_layout(self) -> None:
-        self.savic._stats_layout()  # noqa: SLF001
+        self.savic.stats_layout()
 
     def views(self) -> None:
         [record_views(r) for r in self.model_records]

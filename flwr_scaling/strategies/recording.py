@@ -7,7 +7,6 @@ from logging import WARNING
 
 import numpy as np
 from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
-
 from flwr.serverapp.strategy import FedAvg
 
 from flwr_scaling.protocol.flower_adapter import construct_messages, log

@@ -309,7 +309,7 @@ class Savic(FedAvg):
         self.state_broadcast.received(replies)
         replies = self._decode(replies)
         accepted, averages = self.screen.accept_and_average(
-            replies, stats_layout=self._stats_layout(), parameter_layout=self._model_layout(),
+            replies, stats_layout=self.stats_layout(), parameter_layout=self.model_layout(),
             min_successful=self.min_successful_clients, order=self.sampler.reply_order,
         )
         arrays, metrics = None, None
@@ -371,7 +371,7 @@ class Savic(FedAvg):
         replies = list(grid.send_and_receive(messages=queries, timeout=self._timeout))
         self.recorder.received(replies)
         replies = self._decode(replies)
-        accepted = self.screen.screen(replies, stats_layout=None, parameter_layout=self._model_layout(), with_model=False)
+        accepted = self.screen.screen(replies, stats_layout=None, parameter_layout=self.model_layout(), with_model=False)
         if not accepted:
             log(WARNING, "Warm-up: no usable statistic; starting from v = 1 (precond-init 'ones')")
             return
@@ -380,11 +380,11 @@ class Savic(FedAvg):
         self.precond_state = warmup_state(stats, [self.screen.weight(m) for m in accepted])
         log(INFO, "Warm-up: v⁰ from %d clients; D̂ in [%.3g, %.3g]", len(accepted), *self.precond_bounds())
 
-    def _model_layout(self):
+    def model_layout(self):
         """``{key: (shape, dtype)}`` of the model sent this round (empty before the first)."""
         return describe(self._sent_arrays) if self._sent_arrays is not None else {}
 
-    def _stats_layout(self, *, wire: bool = False):
+    def stats_layout(self, *, wire: bool = False):
         """``{key: (shape, dtype)}`` a reply's statistic (or state) must have; ``None`` while the
         server has no state. ``wire``: with the dtype it travels in (``precond_dtype``), not float32."""
         if self.precond_state is None:
@@ -397,4 +397,4 @@ class Savic(FedAvg):
         if not self.rule.has_state:
             return replies
         return decode_replies(replies, key=self.stats_key, dtype=self.precond_dtype or "float32",
-                              layout=self._stats_layout(wire=True), model_layout=self._model_layout())
+                              layout=self.stats_layout(wire=True), model_layout=self.model_layout())
