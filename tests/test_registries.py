@@ -20,7 +20,8 @@ import numpy as np
 import pytest
 import torch
 
-from flwr_scaling.cli import main, option_help
+from flwr_scaling.cli import main
+from flwr_scaling.cli_help import option_help
 from flwr_scaling.core.rules import MODES, RULES, STAT_GRAD_SQUARED, ScalingRule, register_rule, unregister_rule
 from flwr_scaling.methods import (
     METHODS,

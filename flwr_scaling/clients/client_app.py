@@ -23,7 +23,7 @@ from flwr_scaling.protocol.wire import SCALE_SUFFIX, VERSION_KEY, put_encoded, t
 from flwr_scaling.run.config import ConfigError, RunConfig
 from flwr_scaling.core.local_sgd import evaluate as evaluate_model
 from flwr_scaling.clients import node_data
-from flwr_scaling.clients.logic import _loaded_model, local_round, local_statistic
+from flwr_scaling.clients.logic import loaded_model, local_round, local_statistic
 
 app = ClientApp()
 
@@ -140,7 +140,7 @@ def evaluate(message: Message, context: Context) -> Message:
     cfg = _config(message)
     partition_id = _partition_id(context, cfg)
     split = node_data.eval_split(context.node_config, cfg)
-    model = _loaded_model(cfg, record_to_numpy(message.content["arrays"]))
+    model = loaded_model(cfg, record_to_numpy(message.content["arrays"]))
     loss, accuracy = evaluate_model(model, *split.tensors())
     metrics = MetricRecord({"num-examples": len(split), "eval_loss": loss, "eval_accuracy": accuracy})
     return Message(content=RecordDict({"metrics": metrics}), reply_to=message)

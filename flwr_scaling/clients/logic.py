@@ -60,7 +60,8 @@ def _model(name: str, input_shape: tuple[int, ...], num_classes: int) -> torch.n
     return build_model(name, input_shape, num_classes)
 
 
-def _loaded_model(cfg: RunConfig, arrays: NumpyArrays) -> torch.nn.Module:
+def loaded_model(cfg: RunConfig, arrays: NumpyArrays) -> torch.nn.Module:
+    """This process's model object for ``cfg``, holding the global ``arrays``."""
     data = load_federated_data(cfg.data_spec())
     model = _model(cfg.model, data.input_shape, data.num_classes)
     model.load_state_dict(numpy_to_torch(arrays))
@@ -71,7 +72,7 @@ def local_round(
     cfg: RunConfig, split: Split, arrays: NumpyArrays, state: NumpyArrays | None, server_round: int, partition_id: int
 ) -> LocalRound:
     """Train from the global ``arrays`` (and state) for one round; ``cfg`` must be resolved."""
-    model = _loaded_model(cfg, arrays)
+    model = loaded_model(cfg, arrays)
     loader_seed, probes = client_streams(cfg.seed, server_round, partition_id)
     loader = make_loader(split, cfg.batch_size, loader_seed)
     settings = train_settings(cfg)
@@ -89,7 +90,7 @@ def local_round(
 
 def local_statistic(cfg: RunConfig, split: Split, arrays: NumpyArrays, partition_id: int) -> NumpyArrays:
     """The warm-up statistic at the global ``arrays`` (no training)."""
-    model = _loaded_model(cfg, arrays)
+    model = loaded_model(cfg, arrays)
     loader_seed, probes = client_streams(cfg.seed, 0, partition_id)
     loader = make_loader(split, cfg.batch_size, loader_seed)
     statistic, _ = compute_statistic(model, loader, cfg.precond, cfg.warmup_batches, cfg.precond_probes, probes)

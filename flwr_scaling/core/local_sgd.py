@@ -16,8 +16,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-# MODES is defined with the rules (their default step size is per mode) and kept importable from here.
+# MODES is defined with the rules (their default step size is per mode), and hutchinson_diagonal
+# with the statistics; both stay importable from here.
 from flwr_scaling.core.rules import MODES, STAT_GRAD_SQUARED, STAT_HUTCHINSON, ScalingRule, diagonal_bounds, get_rule
+from flwr_scaling.core.statistics import hutchinson_diagonal, rule_statistic
 Tensors = dict[str, torch.Tensor]
 
 
@@ -82,67 +84,6 @@ def trainable_parameters(model: nn.Module) -> dict[str, nn.Parameter]:
     return {name: p for name, p in model.named_parameters() if p.requires_grad}
 
 
-def _rademacher(like: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
-    bits = torch.randint(0, 2, like.shape, generator=generator, dtype=torch.int8)
-    return bits.to(like.dtype) * 2 - 1
-
-
-def _rademacher_many(likes: list[torch.Tensor], generator: torch.Generator | None) -> list[torch.Tensor]:
-    """One Rademacher (±1) probe shaped like each tensor.
-
-    When all tensors share a dtype the probes are drawn in one call and split:
-    the CPU generator fills elements in order, so these are the very numbers
-    that one draw per tensor gives, for a third of the kernel launches.
-    """
-    dtype = likes[0].dtype
-    if any(t.dtype != dtype for t in likes):
-        return [_rademacher(t, generator) for t in likes]
-    sizes = [t.numel() for t in likes]
-    flat = torch.randint(0, 2, (sum(sizes),), generator=generator, dtype=dtype)
-    flat.mul_(2).sub_(1)
-    return [chunk.view(t.shape) for chunk, t in zip(flat.split(sizes), likes, strict=True)]
-
-
-def hutchinson_diagonal(
-    gradients: Iterable[torch.Tensor],
-    parameters: Iterable[torch.Tensor],
-    num_probes: int,
-    generator: torch.Generator | None = None,
-) -> list[torch.Tensor]:
-    """Mean over probes of ``z ⊙ (∇²f z)``, z Rademacher: an unbiased Hessian-diagonal estimate.
-
-    ``gradients`` must come from ``torch.autograd.grad(..., create_graph=True)``;
-    each probe costs one Hessian-vector product (a second backward pass).
-    """
-    gradients, parameters = list(gradients), list(parameters)
-    if not gradients:
-        return []
-    # A gradient outside the graph (an unused parameter) has a zero Hessian block.
-    live = [i for i, g in enumerate(gradients) if g.requires_grad]
-    total: list[torch.Tensor] = []
-    for probe in range(num_probes):
-        probes = _rademacher_many(gradients, generator)
-        products = torch.autograd.grad(
-            [gradients[i] for i in live],
-            parameters,
-            grad_outputs=[probes[i] for i in live],
-            retain_graph=probe < num_probes - 1,
-            allow_unused=True,
-        )
-        # hz is None where the gradient does not depend on the parameter: a zero block.
-        estimate = [
-            torch.zeros_like(p) if hz is None else z * hz.detach()
-            for p, z, hz in zip(parameters, probes, products, strict=True)
-        ]
-        if probe == 0:
-            total = estimate
-        else:
-            torch._foreach_add_(total, estimate)
-    if num_probes > 1:
-        torch._foreach_div_(total, num_probes)
-    return total
-
-
 def _each_batch(loader, epochs: int):
     """``(x, y, first_epoch)`` for every batch of every local epoch."""
     for epoch in range(epochs):
@@ -157,20 +98,6 @@ def _loss_and_gradients(
     grads = torch.autograd.grad(loss, params, create_graph=create_graph, allow_unused=True)
     # A parameter the forward pass does not use has gradient zero, not None.
     return loss, tuple(torch.zeros_like(p) if g is None else g for p, g in zip(params, grads, strict=True))
-
-
-def _statistic(
-    rule: ScalingRule,
-    params: list[torch.Tensor],
-    grads: tuple[torch.Tensor, ...],
-    num_probes: int,
-    generator: torch.Generator | None,
-) -> list[torch.Tensor]:
-    if rule.statistic == STAT_GRAD_SQUARED:
-        return [g.detach() * g.detach() for g in grads]
-    if rule.statistic == STAT_HUTCHINSON:
-        return hutchinson_diagonal(grads, params, num_probes, generator)
-    raise ValueError(f"rule {rule.name!r} has no statistic")
 
 
 def compute_statistic(
@@ -194,7 +121,7 @@ def compute_statistic(
     model.train()
     for x, y in loader:
         _, grads = _loss_and_gradients(model, params, x, y, create_graph=rule.statistic == STAT_HUTCHINSON)
-        for acc, value in zip(sums, _statistic(rule, params, grads, num_probes, generator), strict=True):
+        for acc, value in zip(sums, rule_statistic(rule, params, grads, num_probes, generator), strict=True):
             acc.add_(value)
         batches += 1
         if batches >= max_batches:
@@ -399,7 +326,7 @@ def _reference_round(
         loss, grads = _loss_and_gradients(model, params, x, y, create_graph=need_graph)
         loss_sum += float(loss.detach())
         if rule.has_state:
-            stat = _statistic(rule, params, grads, settings.num_probes, generator)
+            stat = rule_statistic(rule, params, grads, settings.num_probes, generator)
             if stat_sums is not None:
                 for acc, value in zip(stat_sums, stat, strict=True):
                     acc.add_(value)
