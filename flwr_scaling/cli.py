@@ -10,127 +10,12 @@ import time
 from dataclasses import fields, replace
 from pathlib import Path
 
-from flwr_scaling.run import config as run_config
 from flwr_scaling.run.config import ConfigError, RunConfig, check_output_folder, load_toml
 from flwr_scaling.run.outdir import claim_output
-from flwr_scaling.core.rules import MODES, RULES
-from flwr_scaling.data.partitioners import partitioner_names
-from flwr_scaling.data.sources import named_sources, path_kinds
+from flwr_scaling.cli_help import option_help
 from flwr_scaling.methods import DEFAULT_COMPARE, METHODS, parse_label
 
 COMPARE_FIXED = {"strategy", "precond", "precond_mode", "lr", "out"}  # set per configuration
-
-# What each run option means. The help adds its choices and its default, read
-# from the registries (methods, rules, ...) and RunConfig, so that a
-# registered rule or method shows up here and no default is written twice.
-DESCRIPTIONS = {
-    "strategy": "the method",
-    "precond": "scaling rule",
-    "precond_mode": "global: D̂ fixed within a round; local: clients adapt D̂ every step",
-    "precond_beta": "moving-average factor of the state (rmsprop, adam, oasis), in [0, 1)",
-    "precond_alpha": "lower clip of the diagonal, D̂ = max(alpha, D(v))",
-    "precond_init": "warmup (v0 = mean statistic at x0) or ones (v0 = 1)",
-    "precond_probes": "Hutchinson probes per step (oasis)",
-    "precond_dtype": "encoding of the preconditioner state sent down and the statistic (or state) sent up "
-                     "(the server keeps float32)",
-    "precond_every": "send the preconditioner state every K rounds; clients reuse their cached copy in between",
-    "warmup_batches": "batches per client for the warm-up statistic",
-    "adam_beta1": "first-moment factor of adam, in [0, 1)",
-    "momentum": "heavy-ball momentum on g/D̂, in [0, 1) (the paper has none)",
-    "lr": "client step size γ (see README, Defaults)",
-    "server_lr": "server step size η (1 = FedAvg)",
-    "server_tau": "τ, the adaptivity of the server optimizers (fedadam, fedyogi, fedadagrad)",
-    "proximal_mu": "μ of fedprox's proximal term μ/2 ||x - x_round||²",
-    "partitioner": "dirichlet (by --dirichlet-alpha), iid, or shard (--shard-classes labels per client)",
-    "shard_classes": "labels per client with --partitioner shard",
-    "client_eval_every": "every K rounds, clients evaluate the model on their own held-out part (0: never)",
-    "local_epochs": "local epochs per round",
-    "batch_size": "client batch size",
-    "rounds": "number of rounds",
-    "num_clients": "number of clients (partitions)",
-    "clients_per_round": "clients sampled per round",
-    "dirichlet_alpha": "Dirichlet concentration of the label split (smaller = more heterogeneous)",
-    "dataset": "a bundled dataset, or data from files or a hub as KIND:PATH (idx:PATH is a folder)",
-    "label_column": "label column of csv/parquet files",
-    "test_path": "a separate test file (libsvm, csv, parquet)",
-    "eval_split": "test, or validation (20% of the training split; for choosing step sizes)",
-    "model": "the model",
-    "seed": "seed of every random choice (split, partition, init, batches, probes, sampling)",
-    "out": "output folder",
-    "wait_for_nodes_s": "how long the server waits for num-clients nodes before it gives up",
-    "min_successful_clients": "a round with fewer accepted replies changes nothing and is recorded as failed",
-    "checkpoint_every": "write a checkpoint every K rounds (0: never)",
-}
-
-
-def _number(value: object) -> str:
-    return f"{value:g}" if isinstance(value, float) else str(value)
-
-
-def _per_item(values: dict[str, object]) -> str:
-    """``{"adam": 1e-3, "oasis": 0.1, ...}`` -> ``"0.1 for oasis; 0.001 otherwise"`` (the most common value last)."""
-    groups: dict[str, list[str]] = {}
-    for name, value in values.items():
-        groups.setdefault(_number(value), []).append(name)
-    *rest, (common, _) = sorted(groups.items(), key=lambda item: -len(item[1]))[::-1]
-    return "; ".join([f"{value} for {', '.join(names)}" for value, names in rest] + [f"{common} otherwise"])
-
-
-def _lr_default() -> str:
-    """The client step size per method, and per rule and mode for the methods that take the rule's."""
-    groups: dict[str, list[str]] = {}
-    for name, method in METHODS.items():
-        if method.lr is not None:
-            groups.setdefault(_number(method.lr), []).append(name)
-    per_method = "; ".join(f"{lr} for {', '.join(names)}" for lr, names in groups.items())
-    by_rule = ", ".join(
-        f"{name} {'/'.join(_number(rule.default_lr[mode]) for mode in MODES)}"
-        for name, rule in RULES.items() if rule.default_lr is not None
-    )
-    return f"{per_method}; otherwise per rule ({'/'.join(MODES)}): {by_rule}"
-
-
-def _choices() -> dict[str, list[str]]:
-    """The valid values of every choice option, read from where they are defined."""
-    return {
-        "strategy": [f"{name} ({m.summary})" for name, m in METHODS.items()],
-        "precond": list(RULES),
-        "precond_mode": list(MODES),
-        "precond_init": list(run_config.INITS),
-        "precond_dtype": list(run_config.PRECOND_DTYPES),
-        "partitioner": list(partitioner_names()),
-        "eval_split": list(run_config.EVAL_SPLITS),
-        "model": list(run_config.MODELS),
-        "dataset": [*named_sources(), *(f"{kind}:PATH" for kind in path_kinds())],
-    }
-
-
-def _computed_defaults() -> dict[str, str]:
-    """The defaults of the options whose ``RunConfig`` default is ``None`` or ``""`` (per method, rule, data)."""
-    return {
-        "precond": _per_item({name: m.default_precond for name, m in METHODS.items()}),
-        "precond_alpha": _per_item({name: rule.default_alpha for name, rule in RULES.items()}),
-        "lr": _lr_default(),
-        "server_lr": _per_item({name: m.server_lr for name, m in METHODS.items()}),
-        "clients_per_round": "all",
-        "model": "cnn for image data (digits, idx:), logreg otherwise",
-        "test_path": "20% of the data, stratified",
-        "out": "runs/<label>",
-    }
-
-
-def option_help() -> dict[str, str]:
-    """The help of every run option: its meaning, its choices and its default."""
-    choices, computed = _choices(), _computed_defaults()
-    text = {}
-    for field in fields(RunConfig):
-        parts = [DESCRIPTIONS[field.name]]
-        if field.name in choices:
-            parts.append(f"one of: {', '.join(choices[field.name])}")
-        default = computed.get(field.name, _number(field.default))
-        text[field.name] = f"{'; '.join(parts)}. Default: {default}"
-    return {name: line.replace("%", "%%") for name, line in text.items()}  # argparse formats help with %
-
 
 OVERWRITE_HELP = ("replace the results of another run in the output folder (without it such a folder is refused; "
                   "the old files are kept until the new run has finished a round)")
