@@ -15,7 +15,8 @@ from flwr.serverapp import Grid, ServerApp
 from flwr_scaling.run.checkpoint import Checkpoint, save_checkpoint
 from flwr_scaling.core.arrays import numpy_to_torch, torch_to_numpy
 from flwr_scaling.protocol.records import numpy_to_record, record_to_numpy
-from flwr_scaling.run.config import SERVER_OPTIMIZERS, ConfigError, RunConfig
+from flwr_scaling.run.config import ConfigError, RunConfig
+from flwr_scaling.methods import get_method
 from flwr_scaling.data.federated import load_federated_data
 from flwr_scaling.run.objective import optimality_gap
 from flwr_scaling.run.recorder import RunRecorder
@@ -51,8 +52,9 @@ def make_strategy(cfg: RunConfig, **runtime) -> Savic | ServerOptimizer:
         min_available_nodes=cfg.num_clients,
         **runtime,
     )
-    if cfg.strategy in SERVER_OPTIMIZERS:
-        return ServerOptimizer(optimizer=cfg.strategy, eta=cfg.server_lr, tau=cfg.server_tau, eta_l=cfg.lr, **common)
+    optimizer = get_method(cfg.strategy).server_optimizer
+    if optimizer is not None:
+        return ServerOptimizer(optimizer=optimizer, eta=cfg.server_lr, tau=cfg.server_tau, eta_l=cfg.lr, **common)
     scaling = dict(
         precond=cfg.precond,
         precond_mode=cfg.precond_mode,
