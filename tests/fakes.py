@@ -17,6 +17,11 @@ from flwr.app import Array, ArrayRecord, Error, Message, MetricRecord, RecordDic
 Arrays = Mapping[str, np.ndarray]
 
 
+def f32(*values) -> np.ndarray:
+    """A float32 array of ``values`` (the dtype the strategies keep)."""
+    return np.array(values, dtype=np.float32)
+
+
 def record(arrays: Arrays) -> ArrayRecord:
     """``{key: ndarray}`` -> ArrayRecord (float32 unless the array says otherwise)."""
     return ArrayRecord({k: Array(np.ascontiguousarray(v)) for k, v in arrays.items()})

@@ -26,13 +26,9 @@ from flwr_scaling.strategies import Savic
 from flwr_scaling.strategies.screening import ReplyScreen, describe, reply_problem
 
 try:  # tests/ as a package or as a rootdir-inserted folder
-    from .fakes import FakeGrid, as_numpy, error_reply, record, train_reply
+    from .fakes import f32, FakeGrid, as_numpy, error_reply, record, train_reply
 except ImportError:  # pragma: no cover
-    from fakes import FakeGrid, as_numpy, error_reply, record, train_reply
-
-
-def f32(*values) -> np.ndarray:
-    return np.array(values, dtype=np.float32)
+    from fakes import f32, FakeGrid, as_numpy, error_reply, record, train_reply
 
 
 A, B, C, D = 11, 12, 13, 14  # client nodes; A 1 example, B 3, C and D 4
@@ -53,12 +49,7 @@ SIZES = {A: 1, B: 3, C: 4, D: 4}
 WARM = {"w": f32([2, 2], [2, 2]), "b": f32(4, 4)}
 
 
-@pytest.fixture(autouse=True)
-def task_identity():
-    """Messages can only be built inside a running app; pretend to be one."""
-    with server_task_identity(task_id=1, run_id=1, node_id=0):
-        yield
-
+pytestmark = pytest.mark.usefixtures("task_identity")  # messages need a task identity (conftest)
 
 @pytest.fixture
 def warnings_logged():

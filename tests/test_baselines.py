@@ -41,17 +41,13 @@ STRATEGIES = ("fedavg", "savic", "fedadam", "fedyogi", "fedadagrad", "fedprox", 
 BASELINE_LR = {"fedadam": 0.05, "fedyogi": 0.05, "fedadagrad": 0.05, "fedprox": 0.4, "local-adam": 0.01}
 
 try:
-    from .fakes import FakeGrid, as_numpy, record, train_reply
+    from .fakes import f32, FakeGrid, as_numpy, record, train_reply
 except ImportError:  # run as a plain script folder
-    from fakes import FakeGrid, as_numpy, record, train_reply
+    from fakes import f32, FakeGrid, as_numpy, record, train_reply
 
 A, B = 11, 12  # client nodes; A has 1 example, B 3 (weights 0.25 / 0.75: exact averages)
 FLOWER = {"fedadam": FedAdam, "fedyogi": FedYogi, "fedadagrad": FedAdagrad}
 ETA, TAU = 0.1, 1e-3
-
-
-def f32(*values) -> np.ndarray:
-    return np.array(values, dtype=np.float32)
 
 
 X0 = {"w": f32([0.5, -1.0], [2.0, 0.25]), "b": f32(0.0, 1.0)}
@@ -65,12 +61,7 @@ def client_models(round_: int) -> tuple[dict, dict]:
     return x_a, x_b
 
 
-@pytest.fixture(autouse=True)
-def task_identity():
-    """Messages can only be built inside a running app; pretend to be one."""
-    with server_task_identity(task_id=1, run_id=1, node_id=0):
-        yield
-
+pytestmark = pytest.mark.usefixtures("task_identity")  # messages need a task identity (conftest)
 
 def flower_strategy(name: str):
     return FLOWER[name](eta=ETA, eta_l=0.05, tau=TAU, min_train_nodes=2, min_available_nodes=2, fraction_evaluate=0.0)

@@ -255,12 +255,6 @@ S_B = {"w": np.array([[0, 4], [4, 8]], np.float32), "b": np.array([2, 2], np.flo
 V1 = {"w": np.array([[1.5, 2.5], [3.5, 4.5]], np.float32), "b": np.array([3, 3.5], np.float32)}
 
 
-@pytest.fixture
-def task_identity():
-    with server_task_identity(task_id=1, run_id=1, node_id=0):
-        yield
-
-
 def encoded_reply(message: Message, stats, n: int, dtype: str, *, model=None) -> Message:
     """A client's reply with its statistic encoded as ``dtype`` (raw float32 arrays when ``dtype`` is None)."""
     content = RecordDict()

@@ -25,13 +25,9 @@ from flwr_scaling.core.seeding import initial_model
 from flwr_scaling.strategies import WARMUP_MESSAGE_TYPE, Savic
 
 try:  # tests/ as a package or as a rootdir-inserted folder
-    from .fakes import FakeGrid, as_numpy, error_reply, record, stats_reply, train_reply
+    from .fakes import f32, FakeGrid, as_numpy, error_reply, record, stats_reply, train_reply
 except ImportError:  # pragma: no cover
-    from fakes import FakeGrid, as_numpy, error_reply, record, stats_reply, train_reply
-
-
-def f32(*values) -> np.ndarray:
-    return np.array(values, dtype=np.float32)
+    from fakes import f32, FakeGrid, as_numpy, error_reply, record, stats_reply, train_reply
 
 
 A, B, C, D = 11, 12, 13, 14
@@ -45,11 +41,7 @@ MODEL_BYTES = sum(len(a.data) for a in record(X0).values())
 STATE_BYTES = MODEL_BYTES  # float32 state, same layout as the model
 
 
-@pytest.fixture(autouse=True)
-def task_identity():
-    with server_task_identity(task_id=1, run_id=1, node_id=0):
-        yield
-
+pytestmark = pytest.mark.usefixtures("task_identity")  # messages need a task identity (conftest)
 
 def make(**kwargs) -> Savic:
     options = dict(precond="rmsprop", precond_beta=0.5, sampling_seed=0, min_train_nodes=2, min_available_nodes=2)

@@ -18,13 +18,9 @@ from flwr_scaling.protocol.flower_adapter import InconsistentMessageReplies, tas
 from flwr_scaling.strategies import WARMUP_MESSAGE_TYPE, Savic
 
 try:  # tests/ as a package or as a rootdir-inserted folder
-    from .fakes import FakeGrid, as_numpy, error_reply, record, stats_reply, train_reply
+    from .fakes import f32, FakeGrid, as_numpy, error_reply, record, stats_reply, train_reply
 except ImportError:  # pragma: no cover
-    from fakes import FakeGrid, as_numpy, error_reply, record, stats_reply, train_reply
-
-
-def f32(*values) -> np.ndarray:
-    return np.array(values, dtype=np.float32)
+    from fakes import f32, FakeGrid, as_numpy, error_reply, record, stats_reply, train_reply
 
 
 SERVER_NODE = 0
@@ -52,12 +48,7 @@ BETA = 0.5
 LOSS_A, LOSS_B = 2.0, 1.0  # weighted: 0.25*2 + 0.75*1 = 1.25
 
 
-@pytest.fixture(autouse=True)
-def task_identity():
-    """Messages can only be built inside a running app; pretend to be one."""
-    with server_task_identity(task_id=1, run_id=1, node_id=SERVER_NODE):
-        yield
-
+pytestmark = pytest.mark.usefixtures("task_identity")  # messages need a task identity (conftest)
 
 def make(**kwargs) -> Savic:
     options = dict(precond="adam", precond_beta=BETA, sampling_seed=0, min_train_nodes=2, min_available_nodes=2)
