@@ -9,6 +9,7 @@ on a real SuperNode.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable, Iterable, Mapping
 
 import numpy as np
@@ -106,3 +107,17 @@ class FakeGrid:
     @property
     def received(self) -> list[Message]:
         return [r for _, replies, _ in self.calls for r in replies]
+
+
+def flower_warnings_during(action: Callable[[], object]) -> list[str]:
+    """The WARNING messages Flower's logger gets while ``action()`` runs (it does not propagate to caplog)."""
+    records: list[logging.LogRecord] = []
+    handler = logging.Handler()
+    handler.emit = records.append  # type: ignore[method-assign]
+    logger = logging.getLogger("flwr")
+    logger.addHandler(handler)
+    try:
+        action()
+    finally:
+        logger.removeHandler(handler)
+    return [record.getMessage() for record in records if record.levelno == logging.WARNING]

@@ -52,17 +52,9 @@ WARM = {"w": f32([2, 2], [2, 2]), "b": f32(4, 4)}
 pytestmark = pytest.mark.usefixtures("task_identity")  # messages need a task identity (conftest)
 
 @pytest.fixture
-def warnings_logged():
+def warnings_logged(flower_warnings):
     """The rejections Flower's logger warns about during the test."""
-    records: list[logging.LogRecord] = []
-    handler = logging.Handler()
-    handler.emit = records.append  # type: ignore[method-assign]
-    logger = logging.getLogger("flwr")
-    logger.addHandler(handler)
-    yield lambda: [
-        r.getMessage() for r in records if r.levelno == logging.WARNING and r.getMessage().startswith("Rejected reply")
-    ]
-    logger.removeHandler(handler)
+    return lambda: [message for message in flower_warnings() if message.startswith("Rejected reply")]
 
 
 def configured(rule: str = "adam", mode: str = "global", nodes=(A, B, C, D), **options) -> tuple[Savic, dict[int, Message]]:

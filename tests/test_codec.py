@@ -35,9 +35,9 @@ from flwr_scaling.protocol.wire import (
 from flwr_scaling.strategies import Savic
 
 try:  # tests/ as a package or as a rootdir-inserted folder
-    from .fakes import FakeGrid, record
+    from .fakes import flower_warnings_during, FakeGrid, record
 except ImportError:  # pragma: no cover
-    from fakes import FakeGrid, record
+    from fakes import flower_warnings_during, FakeGrid, record
 
 
 def from_bits(*bits: int) -> np.ndarray:
@@ -289,19 +289,6 @@ def array_bytes(arrays) -> int:
     return sum(len(Array(np.ascontiguousarray(v)).data) for v in arrays.values())
 
 
-def flwr_warnings(action) -> list[str]:
-    import logging
-
-    records: list[logging.LogRecord] = []
-    handler = logging.Handler()
-    handler.emit = records.append  # type: ignore[method-assign]
-    logger = logging.getLogger("flwr")
-    logger.addHandler(handler)
-    try:
-        action()
-    finally:
-        logger.removeHandler(handler)
-    return [r.getMessage() for r in records if r.levelno == logging.WARNING]
 
 
 @pytest.mark.usefixtures("task_identity")
@@ -378,7 +365,7 @@ def test_bad_encoded_statistics_are_rejected_after_decoding(dtype, make_bad, rea
     strategy = wire_strategy(dtype)
     messages = train_messages(strategy, wire_grid(dtype))
     good = encoded_reply(messages[A], S_A, 1, dtype, model=X0)
-    logged = flwr_warnings(lambda: strategy.aggregate_train(1, [good, make_bad(messages[B])]))
+    logged = flower_warnings_during(lambda: strategy.aggregate_train(1, [good, make_bad(messages[B])]))
     assert (strategy.history[1]["clients_ok"], strategy.history[1]["clients_failed"]) == (1, 1)
     assert any(f"node {B}: " in line and reason in line for line in logged), logged
     # only A's statistic: v1 = 0.5 v0 + 0.5 S_A
@@ -391,7 +378,7 @@ def test_float16_reply_without_its_exponents_is_rejected():
     messages = train_messages(strategy, wire_grid("float16"))
     bad = encoded_reply(messages[B], S_B, 3, "float16", model=X0)
     bad.content.pop("stats" + SCALE_SUFFIX)
-    logged = flwr_warnings(lambda: strategy.aggregate_train(1, [encoded_reply(messages[A], S_A, 1, "float16", model=X0), bad]))
+    logged = flower_warnings_during(lambda: strategy.aggregate_train(1, [encoded_reply(messages[A], S_A, 1, "float16", model=X0), bad]))
     assert strategy.history[1]["clients_failed"] == 1
     assert any("precond-dtype float16: no float16 scale exponent for ['b', 'w']" in line for line in logged), logged
 
@@ -399,7 +386,7 @@ def test_float16_reply_without_its_exponents_is_rejected():
 @pytest.mark.usefixtures("task_identity")
 def test_warmup_statistic_in_the_wrong_encoding_is_left_out_of_v0():
     strategy = wire_strategy("bfloat16")
-    logged = flwr_warnings(lambda: train_messages(strategy, wire_grid("bfloat16", warm_dtype_b=None)))
+    logged = flower_warnings_during(lambda: train_messages(strategy, wire_grid("bfloat16", warm_dtype_b=None)))
     assert strategy.precond_state["w"].tolist() == WARM_A["w"].tolist()  # A's alone
     assert any(f"node {B}" in line and "expected uint16[2, 2]" in line for line in logged), logged
 

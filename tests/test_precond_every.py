@@ -25,9 +25,9 @@ from flwr_scaling.core.seeding import initial_model
 from flwr_scaling.strategies import WARMUP_MESSAGE_TYPE, Savic
 
 try:  # tests/ as a package or as a rootdir-inserted folder
-    from .fakes import f32, FakeGrid, as_numpy, error_reply, record, stats_reply, train_reply
+    from .fakes import flower_warnings_during, f32, FakeGrid, as_numpy, error_reply, record, stats_reply, train_reply
 except ImportError:  # pragma: no cover
-    from fakes import f32, FakeGrid, as_numpy, error_reply, record, stats_reply, train_reply
+    from fakes import flower_warnings_during, f32, FakeGrid, as_numpy, error_reply, record, stats_reply, train_reply
 
 
 A, B, C, D = 11, 12, 13, 14
@@ -63,18 +63,6 @@ def reply_all(strategy: Savic, server_round: int, messages: dict[int, Message], 
     strategy.aggregate_train(server_round, replies)
 
 
-def warnings_logged(action) -> list[str]:
-    """The WARNING lines Flower's logger gets while ``action()`` runs (it does not propagate to caplog)."""
-    records: list[logging.LogRecord] = []
-    handler = logging.Handler()
-    handler.emit = records.append  # type: ignore[method-assign]
-    logger = logging.getLogger("flwr")
-    logger.addHandler(handler)
-    try:
-        action()
-    finally:
-        logger.removeHandler(handler)
-    return [r.getMessage() for r in records if r.levelno == logging.WARNING]
 
 
 def with_state(messages: dict[int, Message]) -> set[int]:
@@ -173,7 +161,7 @@ def test_a_client_that_lacks_the_state_is_counted_as_failed_and_served_next_time
     messages = configure(strategy, grid, 2)
     assert with_state(messages) == set()
     reason = "precond-every: this node holds no preconditioner state of round 1 in float32 (it holds none)"
-    logged = warnings_logged(
+    logged = flower_warnings_during(
         lambda: strategy.aggregate_train(2, [train_reply(messages[A], X_NEW, S, 1), error_reply(messages[B], reason)])
     )
     assert (strategy.history[2]["clients_ok"], strategy.history[2]["clients_failed"]) == (1, 1)
