@@ -12,7 +12,6 @@ reads of ``array_view`` on hand-computed numbers.
 
 from __future__ import annotations
 
-import logging
 
 import numpy as np
 import pytest

@@ -7,7 +7,6 @@ client side is the real ClientApp ``train`` handler, called with one
 
 from __future__ import annotations
 
-import logging
 from dataclasses import replace
 
 import numpy as np
