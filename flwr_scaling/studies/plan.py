@@ -5,6 +5,8 @@ A sweep file (TOML)::
     out = "runs/digits-methods"        # optional; default runs/<file stem>
     target-accuracy = 0.9              # optional; default 0.9
     backend = "inprocess"              # optional; default simulation
+    workers = 2                        # optional: runs at a time as Ray tasks (parallel.py); also
+                                       # cpus-per-run, gpus-per-run, ray-address (an existing cluster)
 
     [base]                             # run options, as in `flwr-scaling run --config`
     rounds = 30
@@ -37,13 +39,15 @@ from flwr_scaling.methods import parse_label
 from flwr_scaling.run.config import ConfigError, RunConfig, check_output_folder, read_toml
 from flwr_scaling.run.inprocess import BACKENDS
 from flwr_scaling.run.simulation import preflight
+from flwr_scaling.studies.parallel import ParallelOptions, parallel_options
 from flwr_scaling.studies.state import RUNS
 
 METHOD = "method"  # the grid key whose values are labels (fedavg, savic-<rule>-<mode>)
 METHOD_OPTIONS = ("strategy", "precond", "precond-mode")  # what a label sets
 SEED = "seed"
 METHOD_TABLE = "method-options"  # per-method run options, e.g. each method's tuned step size
-TOP_LEVEL = ("out", "target-accuracy", "backend", "base", METHOD_TABLE, "grid")
+PARALLEL_KEYS = ("workers", "cpus-per-run", "gpus-per-run", "ray-address")  # how the runs are spread on Ray
+TOP_LEVEL = ("out", "target-accuracy", "backend", *PARALLEL_KEYS, "base", METHOD_TABLE, "grid")
 DEFAULT_TARGET = 0.9
 MAX_NAME = 200  # folder names longer than this are shortened (with a hash, so they stay distinct)
 
@@ -67,6 +71,7 @@ class Sweep:
     grid: dict[str, list[Any]]  # grid key -> values, keys in name order (method first, seed last)
     runs: tuple[SweepRun, ...]  # in run order: seed outermost, so each seed's comparison completes early
     backend: str = "simulation"  # how runs run: Flower's simulation engine or in this process (inprocess.py)
+    parallel: ParallelOptions | None = None  # runs as Ray tasks (parallel.py); None: one after another
 
     def to_json(self) -> dict[str, Any]:
         """The plan as written to ``sweep.json``: what the report needs without reading the sweep file."""
@@ -80,10 +85,11 @@ class Sweep:
         }
 
 
-def load_sweep(path: str | Path, out: str | Path | None = None) -> Sweep:
+def load_sweep(path: str | Path, out: str | Path | None = None, parallel: Mapping[str, Any] | None = None) -> Sweep:
     """Read and validate a sweep file; every run is resolved and preflighted. Nothing is written.
 
-    ``out`` overrides the file's ``out``. Raises ConfigError with one line that
+    ``out`` overrides the file's ``out``; ``parallel`` (``PARALLEL_KEYS`` to
+    values, ``None`` for not given: the command line's) overrides the file's. Raises ConfigError with one line that
     names the file and the key (or the run) at fault.
     """
     where = str(path)
@@ -134,6 +140,11 @@ def load_sweep(path: str | Path, out: str | Path | None = None) -> Sweep:
     backend = raw.get("backend", "simulation")
     if backend not in BACKENDS:
         raise error(f"backend must be one of {', '.join(BACKENDS)}, got {_toml(backend)}")
+    from_file = {key: raw.get(key) for key in PARALLEL_KEYS}
+    spread = parallel_options(*from_file.values(), where=f"{where}: ")
+    given = {key: value for key, value in (parallel or {}).items() if value is not None}
+    if given:  # the file's values are valid, so an error here is the command line's
+        spread = parallel_options(*{**from_file, **given}.values())
 
     grid_raw = raw.get("grid")
     if grid_raw is None:
@@ -197,7 +208,7 @@ def load_sweep(path: str | Path, out: str | Path | None = None) -> Sweep:
         except (ValueError, OSError) as problem:  # ConfigError included; OSError: data that cannot be read
             raise error(f"run {name}: {first_line(problem)}") from None
         runs.append(SweepRun(name, values, config))
-    return Sweep(where, Path(folder), float(target), grid, tuple(runs), backend)
+    return Sweep(where, Path(folder), float(target), grid, tuple(runs), backend, spread)
 
 
 def _method_table(table: Any, grid: Mapping[str, list[Any]], base: Mapping[str, Any],
