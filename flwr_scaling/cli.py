@@ -12,7 +12,7 @@ from pathlib import Path
 
 from flwr_scaling.run.config import ConfigError, RunConfig, check_output_folder, load_toml
 from flwr_scaling.run.outdir import claim_output
-from flwr_scaling.cli_help import option_help
+from flwr_scaling.cli_help import compare_labels_help, option_help, option_metavars
 from flwr_scaling.methods import DEFAULT_COMPARE, METHODS, parse_label
 
 COMPARE_FIXED = {"strategy", "precond", "precond_mode", "lr", "out"}  # set per configuration
@@ -40,13 +40,15 @@ def fail(message: str) -> None:
 
 
 def _add_run_options(parser: argparse.ArgumentParser, skip: set[str] = frozenset()) -> None:
-    help_text = option_help()
+    help_text, metavars = option_help(), option_metavars()
     for field in fields(RunConfig):
         if field.name in skip:
             continue
         # Every value is parsed by RunConfig, so that the command line, TOML
-        # files and Flower's run config give the same errors.
-        parser.add_argument(f"--{RunConfig.key(field.name)}", dest=field.name, default=None, help=help_text[field.name])
+        # files and Flower's run config give the same errors; a choice option's
+        # usage shows its valid values rather than a placeholder.
+        parser.add_argument(f"--{RunConfig.key(field.name)}", dest=field.name, default=None,
+                            metavar=metavars.get(field.name), help=help_text[field.name])
 
 
 def _given(args: argparse.Namespace, skip: set[str] = frozenset()) -> dict[str, object]:
@@ -74,9 +76,20 @@ def _add_backend(parser: argparse.ArgumentParser, default: str | None = "simulat
                              f"ClientApp code in this process, clients one after another, no Ray start-up). {where}")
 
 
+def _installed_version() -> str:
+    """The version of the installed package (its metadata), so that it is written in one place: pyproject.toml."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("flwr-scaling")
+    except PackageNotFoundError:  # run from a source tree that was never installed
+        return "unknown (not installed)"
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = OneLineParser(prog="flwr-scaling", description="Scaled Local SGD (SAVIC) on Flower's simulation engine.",
                            allow_abbrev=False)
+    parser.add_argument("--version", action="version", version=f"%(prog)s {_installed_version()}")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=OneLineParser)
     run = sub.add_parser("run", help="run one configuration", allow_abbrev=False)
     run.add_argument("--config", help="TOML file of options (kebab-case keys); command-line options override it")
@@ -87,10 +100,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_backend(run)
     compare = sub.add_parser("compare", help="run several configurations on the same partition and seed",
                              allow_abbrev=False)
-    compare.add_argument("--configs", default=",".join(DEFAULT_COMPARE),
-                         help=f"comma-separated labels: a method ({', '.join(n for n, m in METHODS.items() if not m.scaled)}) "
-                              f"or {' or '.join(f'{n}-<rule>-<mode>' for n, m in METHODS.items() if m.scaled)}. "
-                              f"Default: {','.join(DEFAULT_COMPARE)}")
+    compare.add_argument("--configs", metavar="LABEL,...", default=",".join(DEFAULT_COMPARE),
+                         help=f"{compare_labels_help()}. Default: {','.join(DEFAULT_COMPARE)}")
     compare.add_argument("--out", default="runs/compare", help="output folder. Default: runs/compare")
     compare.add_argument("--overwrite", action="store_true", help=OVERWRITE_HELP)
     compare.add_argument("--target-accuracy", default="0.9", help="accuracy whose first round is reported. Default: 0.9")

@@ -13,6 +13,7 @@ from __future__ import annotations
 from dataclasses import fields
 
 from flwr_scaling.core.rules import MODES, RULES
+from flwr_scaling.data.hub import HUB_KIND
 from flwr_scaling.data.partitioners import partitioner_names
 from flwr_scaling.data.sources import named_sources, path_kinds
 from flwr_scaling.methods import METHODS
@@ -47,7 +48,8 @@ DESCRIPTIONS = {
     "num_clients": "number of clients (partitions)",
     "clients_per_round": "clients sampled per round",
     "dirichlet_alpha": "Dirichlet concentration of the label split (smaller = more heterogeneous)",
-    "dataset": "a bundled dataset, or data from files or a hub as KIND:PATH (idx:PATH is a folder)",
+    "dataset": "a bundled dataset, data from files as KIND:PATH (idx:PATH is a folder), or a Hugging Face Hub "
+               "dataset as hf:NAME (e.g. hf:ylecun/mnist; needs the network once, then the datasets cache)",
     "label_column": "label column of csv/parquet files",
     "test_path": "a separate test file (libsvm, csv, parquet)",
     "eval_split": "test, or validation (20% of the training split; for choosing step sizes)",
@@ -98,7 +100,7 @@ def _choices() -> dict[str, list[str]]:
         "partitioner": list(partitioner_names()),
         "eval_split": list(run_config.EVAL_SPLITS),
         "model": list(run_config.MODELS),
-        "dataset": [*named_sources(), *(f"{kind}:PATH" for kind in path_kinds())],
+        "dataset": [*named_sources(), *(f"{kind}:{'NAME' if kind == HUB_KIND else 'PATH'}" for kind in path_kinds())],
     }
 
 
@@ -114,6 +116,20 @@ def _computed_defaults() -> dict[str, str]:
         "test_path": "20% of the data, stratified",
         "out": "runs/<label>",
     }
+
+
+def option_metavars() -> dict[str, str]:
+    """The placeholder of every choice option in the usage line: its valid values, ``{a,b,c}``."""
+    names = {name: [choice.split(" ")[0] for choice in values] for name, values in _choices().items()}
+    return {name: "{" + ",".join(values) + "}" for name, values in names.items()}
+
+
+def compare_labels_help() -> str:
+    """What ``compare --configs`` takes: every baseline by name, and the scaled methods' label pattern."""
+    baselines = ", ".join(name for name, method in METHODS.items() if not method.scaled)
+    scaled = " or ".join(f"{name}-<rule>-<mode>" for name, method in METHODS.items() if method.scaled)
+    return (f"comma-separated labels: a baseline ({baselines}) or {scaled} with <rule> one of "
+            f"{', '.join(RULES)} and <mode> one of {', '.join(MODES)}")
 
 
 def option_help() -> dict[str, str]:
