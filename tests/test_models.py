@@ -29,7 +29,13 @@ def test_output_shape_and_parameter_count(name, input_shape, classes, parameters
 
 
 def test_cnn_needs_images_and_unknown_models_are_named():
-    with pytest.raises(ValueError, match=r"cnn needs image input \(channels, height, width\), got shape \(64,\)"):
+    with pytest.raises(ValueError) as error:
         build_model("cnn", (64,), 10)
+    assert str(error.value) == ("model 'cnn' needs images (channels x height x width), but the data has shape 64; "
+                                "give --input-shape (e.g. 1x8x8) or use --model mlp or logreg")
+    with pytest.raises(ValueError) as error:
+        build_model("cnn", (1, 2, 2), 10)
+    assert str(error.value) == ("model 'cnn' needs images of at least 4x4 (two 2x2 max-pools), "
+                                "but the data's images are 2x2 (shape 1x2x2); use --model mlp or logreg")
     with pytest.raises(ValueError, match=f"unknown model 'resnet'; choose one of {', '.join(MODELS)}"):
         build_model("resnet", (64,), 10)

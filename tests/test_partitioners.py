@@ -114,7 +114,8 @@ def test_shard_class_pairs_depend_on_the_seed():
          "so some client would get no example of it; use at most 139 clients or shard-classes at most 9"),
         (PartitionSpec(DIGITS, 1500, 0.5, "iid"),
          "an iid split of 1437 training examples into 1500 clients leaves some client without data; use at most 1437 clients"),
-        (PartitionSpec(DIGITS, 200, 0.01), "use fewer clients (at most 143"),
+        (PartitionSpec(DIGITS, 200, 0.01), "cannot give every client 10 examples; use at most 9 clients (checked) "
+                                           "or a larger dirichlet-alpha"),
         (PartitionSpec(DIGITS, 10, 0.5, "pathological"), "partitioner: unknown value 'pathological'"),
     ],
     ids=["shard-too-many-classes", "shard-too-many-clients", "iid-too-many-clients", "dirichlet", "unknown"],
@@ -123,6 +124,11 @@ def test_impossible_settings_give_one_line(spec, message):
     with pytest.raises(ValueError) as error:
         load_partition(spec, 0)
     assert "\n" not in str(error.value) and message in str(error.value)
+
+
+def test_dirichlet_suggestion_works():
+    """The client count an impossible Dirichlet split suggests (9, above) is one that splits."""
+    assert all(len(p) >= 10 for p in parts(PartitionSpec(DIGITS, 9, 0.01)))
 
 
 def test_shard_feasibility_is_exact():

@@ -32,7 +32,8 @@ def _bundled_kind(name: str) -> SourceKind:
         return load_bundled(name)
 
     load.__doc__ = f"scikit-learn's {name} dataset (the spec is the name; no path, no label column)."
-    return SourceKind(name, load, takes_path=False, image=name == "digits", num_examples=SIZES[name])
+    return SourceKind(name, load, takes_path=False, image=name == "digits", num_examples=SIZES[name],
+                      text_labels=False)
 
 
 BUNDLED_KINDS = tuple(_bundled_kind(name) for name in SIZES)

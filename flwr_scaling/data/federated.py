@@ -10,7 +10,7 @@ Both are cached per process.
 from __future__ import annotations
 
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import lru_cache
 
 import numpy as np
@@ -181,17 +181,53 @@ def cut_partition(spec: PartitionSpec, partition_id: int):
     except ValueError as error:
         if "max number of attempts" not in str(error):
             raise
+        workable = largest_workable(spec, data.train.labels)
+        fix = f"use at most {workable} clients (checked) or" if workable >= 1 else "use"
         raise ValueError(
             f"a Dirichlet split of {len(data.train)} examples into {spec.num_partitions} clients "
             f"with dirichlet-alpha {spec.dirichlet_alpha} cannot give every client "
-            f"{MIN_PARTITION_SIZE} examples; use fewer clients (at most {len(data.train) // MIN_PARTITION_SIZE}, "
-            f"fewer still at small alpha) or a larger dirichlet-alpha"
+            f"{MIN_PARTITION_SIZE} examples; {fix} a larger dirichlet-alpha"
         ) from None
     if partition_id == 0 and kind.warning is not None:
         caveat = kind.warning(spec, data.train.labels)
         if caveat:
             warnings.warn(caveat, stacklevel=3)
     return part
+
+
+def largest_workable(spec: PartitionSpec, labels: np.ndarray) -> int:
+    """The most clients below ``spec.num_partitions`` whose split (same seed and settings) succeeds, 0 if none.
+
+    Found by bisection and every candidate is actually split, so the count
+    suggested to the user is one that works (the success of a Dirichlet split
+    is not strictly monotone in the client count; the answer is a working
+    count, not always the largest).
+    """
+    kind = partitioner_kind(spec)
+    columns_cache = {}
+
+    def works(clients: int) -> bool:
+        partitioner, columns = kind.build(replace(spec, num_partitions=clients), labels)
+        if "table" not in columns_cache:
+            from datasets import Dataset
+
+            columns_cache["table"] = Dataset.from_dict(columns)
+        partitioner.dataset = columns_cache["table"]
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", UserWarning)
+                partitioner.load_partition(0)
+        except ValueError:
+            return False
+        return True
+
+    low, high = 1, min(spec.num_partitions - 1, len(labels) // MIN_PARTITION_SIZE)
+    if high < low or not works(low):
+        return 0
+    while low < high:
+        middle = (low + high + 1) // 2
+        low, high = (middle, high) if works(middle) else (low, middle - 1)
+    return low
 
 
 def make_loader(split: Split, batch_size: int, seed: int, shuffle: bool = True) -> DataLoader:

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from flwr_scaling.data.source_types import Source, SourceKind, encode_labels
+from flwr_scaling.data.source_types import Source, SourceKind, check_labels, encode_named_labels, model_for_shape
 from flwr_scaling.errors import DataError
 
 HUB_KIND = "hf"  # not a file: a dataset name on the Hugging Face Hub
@@ -55,13 +55,13 @@ def load_hub(name: str, label_column: str = "label", **load_kwargs) -> Source:
             raise DataError(
                 f"{label}: 'test' features have shape {list(test_features.shape[1:])}, 'train' {list(features.shape[1:])}"
             )
-        labels, test_y = encode_labels(raw_labels, test_labels)
+        (labels, test_y), names = encode_named_labels(raw_labels, test_labels)
         test_pair = (test_features, test_y)
     else:
-        (labels,) = encode_labels(raw_labels)
+        (labels,), names = encode_named_labels(raw_labels)
         test_pair = None
-    model = "cnn" if image else "logreg"
-    return Source(features, labels, tuple(features.shape[1:]), model, test_pair, standardize=not image)
+    model = model_for_shape(tuple(features.shape[1:])) if image else "logreg"
+    return Source(features, labels, tuple(features.shape[1:]), model, test_pair, standardize=not image, label_names=names)
 
 
 def _first_line(error: BaseException) -> str:
@@ -82,6 +82,10 @@ def _hub_columns(split, label: str, label_column: str, like=None) -> tuple[np.nd
         raise DataError(f"{label}: no column {missing[0]!r}, which the 'train' split has")
     image_column = next((n for n in names if n != label_column and _is_image_feature(schema[n])), None)
     raw_labels = np.asarray(split.with_format("numpy")[label_column])
+    if raw_labels.ndim == 1:
+        check_labels(raw_labels, lambda row: f"{label}: row {row}", label_column)
+        if raw_labels.dtype == object and all(isinstance(value, str) for value in raw_labels.tolist()):
+            raw_labels = raw_labels.astype(str)
     if raw_labels.ndim != 1 or raw_labels.dtype == object:
         raise DataError(f"{label}: label column {label_column!r} must hold one number or string per row")
     if image_column is not None:

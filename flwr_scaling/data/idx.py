@@ -7,7 +7,7 @@ from pathlib import Path
 
 import numpy as np
 
-from flwr_scaling.data.source_types import Source, SourceKind, open_binary
+from flwr_scaling.data.source_types import Source, SourceKind, gzip_errors, open_binary
 from flwr_scaling.errors import DataError
 
 IDX_IMAGES_MAGIC = 0x00000803  # unsigned bytes, 3 dimensions
@@ -16,11 +16,8 @@ IDX_LABELS_MAGIC = 0x00000801  # unsigned bytes, 1 dimension
 
 def read_idx(path: Path, magic: int, what: str) -> np.ndarray:
     """An IDX array of unsigned bytes, checked against its header."""
-    try:
-        with open_binary(path) as handle:
-            raw = handle.read()
-    except (OSError, EOFError) as error:
-        raise DataError(f"{path}: cannot be read as {'gzip' if path.suffix == '.gz' else 'IDX'}: {error}") from None
+    with gzip_errors(path), open_binary(path) as handle:
+        raw = handle.read()
     if len(raw) < 4:
         raise DataError(f"{path}: offset 0: expected a 4-byte IDX magic number, the file has {len(raw)} bytes")
     found = int.from_bytes(raw[:4], "big")
@@ -87,4 +84,4 @@ def read_node_idx(target: str, label_column: str, num_features: int) -> tuple[np
     return idx_set(*pairs.get("train", next(iter(pairs.values()))))
 
 
-IDX = SourceKind("idx", load_idx, check=check_idx, image=True, read_node=read_node_idx)
+IDX = SourceKind("idx", load_idx, check=check_idx, image=True, read_node=read_node_idx, text_labels=False)

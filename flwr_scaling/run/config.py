@@ -15,10 +15,18 @@ from dataclasses import asdict, dataclass, fields, replace
 from typing import Any
 
 from flwr_scaling.protocol.wire import DTYPES as PRECOND_DTYPES
-from flwr_scaling.data.federated import EVAL_SPLITS, MIN_PARTITION_SIZE, TEST_FRACTION, DataSpec, PartitionSpec, default_model
+from flwr_scaling.data.federated import (
+    EVAL_SPLITS,
+    MIN_PARTITION_SIZE,
+    TEST_FRACTION,
+    DataSpec,
+    FederatedData,
+    PartitionSpec,
+    default_model,
+)
 from flwr_scaling.data.partitioners import partitioner_names
 from flwr_scaling.data.sources import check_spec, named_sources, path_kinds, source_default_model, source_size
-from flwr_scaling.core.models import MODELS
+from flwr_scaling.core.models import MODELS, input_problem
 from flwr_scaling.core.rules import MODES, RULES, get_rule
 from flwr_scaling.errors import ConfigError, DataError
 from flwr_scaling.methods import METHODS, get_method
@@ -222,6 +230,14 @@ class RunConfig:
         _at_least("checkpoint-every", self.checkpoint_every, 0)
         if "\0" in self.out:
             raise ConfigError(f"out must be a folder name without NUL characters, got {self.out!r}")
+
+
+def check_data_fits(cfg: RunConfig, data: FederatedData) -> None:
+    """ConfigError when the loaded ``data`` cannot be used by ``cfg``'s model (images too small, flat
+    features for an image model): asked by the preflight, before any training."""
+    problem = input_problem(cfg.model or data.default_model, tuple(data.input_shape))
+    if problem:
+        raise ConfigError(f"dataset {cfg.dataset!r}: {problem}")
 
 
 def train_size(dataset: str, eval_split: str = "test") -> int | None:

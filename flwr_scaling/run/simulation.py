@@ -13,7 +13,7 @@ from pathlib import Path
 
 from flwr_scaling.protocol.flower_adapter import simulation_delivery
 from flwr_scaling.run.checkpoint import Checkpoint
-from flwr_scaling.run.config import RunConfig
+from flwr_scaling.run.config import RunConfig, check_data_fits
 from flwr_scaling.data.federated import load_federated_data
 from flwr_scaling.data.partition_plot import plot_partitions
 from flwr_scaling.run.recorder import read_metrics
@@ -117,7 +117,7 @@ def preflight(cfg: RunConfig) -> None:
     from flwr_scaling.clients.logic import client_partition
 
     cfg.validate()
-    load_federated_data(cfg.data_spec())
+    check_data_fits(cfg, load_federated_data(cfg.data_spec()))  # e.g. images too small for the model
     # Cutting partition 0 checks every client's: the Dirichlet partitioner assigns
     # all rows at the first request and fails unless every client gets
     # MIN_PARTITION_SIZE; the iid and shard splits are checked when the
