@@ -81,8 +81,17 @@ def wait_for_nodes(grid: Grid, needed: int, timeout_s: float) -> None:
 
 
 def describe_nodes(grid: Grid, config: dict, timeout_s: float) -> dict[int, int]:
-    """Ask every node for its partition id, so that nodes are ranked the same in every run."""
+    """Every node's partition id, so that nodes are ranked the same in every run.
+
+    In ``simulate`` the grid knows them (``node_partitions``: the ``partition-id``
+    the runtime put in each node's config, which is what a node would answer);
+    elsewhere every node is asked, all queries sent at once.
+    """
     nodes = sorted(grid.get_node_ids())
+    known = getattr(grid, "node_partitions", None)
+    partitions = known(timeout_s) if callable(known) else None
+    if partitions is not None and all(node in partitions for node in nodes):
+        return {node: partitions[node] for node in nodes}
     content = RecordDict({"config": ConfigRecord(config)})
     queries = [Message(content=content, message_type=NODE_INFO_MESSAGE_TYPE, dst_node_id=node) for node in nodes]
     order = {}

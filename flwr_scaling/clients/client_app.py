@@ -11,6 +11,12 @@ state only when it changes for this node: the config's ``precond-version``
 names the round whose state to train with, and the node keeps the last state
 it received in ``context.state``, the one place that persists between
 messages (in deployment every message may run in a fresh process).
+
+The warm-up query names a model version (``model-version``, the round it
+precedes): the node keeps that x⁰ in ``context.state`` and says so in its
+reply, and round 1's train message to it then carries no model; the node
+trains from the x⁰ it kept and forgets it (a train message that does carry a
+model also clears it).
 """
 
 from __future__ import annotations
@@ -19,7 +25,7 @@ from flwr.app import ConfigRecord, Context, Error, Message, MetricRecord, Record
 from flwr.clientapp import ClientApp
 
 from flwr_scaling.protocol.records import numpy_to_record, record_to_numpy
-from flwr_scaling.protocol.wire import SCALE_SUFFIX, VERSION_KEY, put_encoded, take_encoded
+from flwr_scaling.protocol.wire import MODEL_VERSION_KEY, SCALE_SUFFIX, VERSION_KEY, put_encoded, take_encoded
 from flwr_scaling.run.config import ConfigError, RunConfig
 from flwr_scaling.core.local_sgd import evaluate as evaluate_model
 from flwr_scaling.clients import node_data
@@ -28,10 +34,13 @@ from flwr_scaling.clients.logic import loaded_model, local_round, local_statisti
 app = ClientApp()
 
 # Keys the server adds to the run configuration for one round only.
-ROUND_KEYS = ("server-round", VERSION_KEY)
+ROUND_KEYS = ("server-round", VERSION_KEY, MODEL_VERSION_KEY)
 # context.state entries: the last state received, as it came (encoded), and its version and encoding.
 CACHED_STATE = "precond-cache"
 CACHED_INFO = "precond-cache-info"
+# context.state entries: x⁰ from the warm-up query, and the round it precedes (its version).
+CACHED_MODEL = "model-cache"
+CACHED_MODEL_INFO = "model-cache-info"
 # Error code of a reply that could not train because the state it needs never arrived.
 MISSING_STATE_ERROR = 4601
 
@@ -79,6 +88,30 @@ def round_state(content: RecordDict, context: Context, dtype: str) -> dict | Non
     return take_encoded(cached, "precond", dtype=dtype)
 
 
+def round_model(content: RecordDict, context: Context) -> dict:
+    """The model to train from: the message's, or the warm-up's x⁰ this node kept (then forgotten).
+
+    Raises ``MissingStateError`` when the message carries no model and the
+    node does not hold the x⁰ of the version the config names.
+    """
+    info = context.state.config_records.get(CACHED_MODEL_INFO)
+    cached = context.state.array_records.get(CACHED_MODEL)
+    # Only round 1 can use x⁰: whatever this message says, the copy is not needed again.
+    context.state.pop(CACHED_MODEL, None)
+    context.state.pop(CACHED_MODEL_INFO, None)
+    if "arrays" in content.array_records:
+        return record_to_numpy(content["arrays"])
+    version = content["config"].get(MODEL_VERSION_KEY)
+    held = int(info["version"]) if info is not None and cached is not None else None
+    if version is None or held != int(version):
+        have = "none" if held is None else f"round {held}'s"
+        raise MissingStateError(
+            f"warm-up: this train message carries no model and this node holds no x⁰ of round {version} "
+            f"(it holds {have}); the server must send it"
+        )
+    return record_to_numpy(cached)
+
+
 def _partition_id(context: Context, cfg: RunConfig) -> int:
     """This node's rank and seed (see ``node_data``: a demo partition or the node's own file)."""
     return node_data.node_key(context.node_config, cfg)
@@ -92,13 +125,14 @@ def train(message: Message, context: Context) -> Message:
     content = message.content
     try:
         state = round_state(content, context, cfg.precond_dtype)
+        initial = round_model(content, context)
     except MissingStateError as problem:
         # An error reply, not an exception: the server counts it as failed and resends the state.
         return Message(Error(code=MISSING_STATE_ERROR, reason=str(problem)), reply_to=message)
     result = local_round(
         cfg,
         node_data.train_split(context.node_config, cfg),
-        record_to_numpy(content["arrays"]),
+        initial,
         state,
         int(content["config"]["server-round"]),
         partition_id,
@@ -116,12 +150,22 @@ def train(message: Message, context: Context) -> Message:
 
 @app.query("precond_stats")
 def precond_stats(message: Message, context: Context) -> Message:
-    """The warm-up: this node's statistic at the initial model, no training."""
+    """The warm-up: this node's statistic at the initial model, no training.
+
+    When the config names a ``model-version``, the node keeps x⁰ for round 1
+    and confirms it in the reply's metrics (the server then sends round 1 no model).
+    """
     cfg = _config(message)
     partition_id = _partition_id(context, cfg)
     split = node_data.train_split(context.node_config, cfg)
     statistic = local_statistic(cfg, split, record_to_numpy(message.content["arrays"]), partition_id)
-    reply = RecordDict({"metrics": MetricRecord({"num-examples": len(split)})})
+    metrics = MetricRecord({"num-examples": len(split)})
+    version = message.content["config"].get(MODEL_VERSION_KEY)
+    if version is not None:
+        context.state[CACHED_MODEL] = message.content["arrays"]
+        context.state[CACHED_MODEL_INFO] = ConfigRecord({"version": int(version)})
+        metrics[MODEL_VERSION_KEY] = int(version)
+    reply = RecordDict({"metrics": metrics})
     put_encoded(reply, "stats", statistic, dtype=cfg.precond_dtype)
     return Message(content=reply, reply_to=message)
 

@@ -40,6 +40,7 @@ DTYPES = ("float32", "bfloat16", "float16")
 # How the strategy and the ClientApp name what travels (ConfigRecord keys):
 DTYPE_KEY = "precond-dtype"  # in the config: the encoding of the state sent down and of what clients send up
 VERSION_KEY = "precond-version"  # in the train config: the round whose state the client must train with
+MODEL_VERSION_KEY = "model-version"  # in the warm-up and round-1 configs: the round of the x⁰ the node keeps
 SCALE_SUFFIX = "-scale"  # "<record key>-scale": ConfigRecord of the float16 exponents beside that ArrayRecord
 # What each encoding looks like on the wire (the dtype of the serialised arrays).
 WIRE_DTYPES = {"float32": np.dtype(np.float32), "bfloat16": np.dtype(np.uint16), "float16": np.dtype(np.float16)}

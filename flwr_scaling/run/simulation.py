@@ -39,6 +39,17 @@ class _Deliveries:
         self._lock = threading.Lock()
         self._waiting: Counter[int] = Counter()
         self._pushed = threading.Event()
+        self._partitions: dict[int, int] = {}
+        self._mapped = threading.Event()
+
+    def mapped(self, nodes_mapping) -> None:
+        """The runtime's node id -> partition id map (every node's ``partition-id`` node config)."""
+        self._partitions = dict(nodes_mapping)
+        self._mapped.set()
+
+    def partitions(self, timeout: float) -> dict[int, int] | None:
+        """The node id -> partition id map once the runtime has started (``None`` after ``timeout`` s)."""
+        return dict(self._partitions) if self._mapped.wait(timeout) else None
 
     def pushed(self, node_ids: Iterable[int]) -> None:
         with self._lock:
@@ -67,6 +78,7 @@ def _extractor(deliveries: _Deliveries):
     """A replacement for ``vce_api.add_messages_to_queue`` (same signature and the same LinkState calls)."""
 
     def add_messages_to_queue(state, queue, nodes_mapping, f_stop: threading.Event) -> None:
+        deliveries.mapped(nodes_mapping)
         next_full = time.monotonic() + FULL_SWEEP_S
         while not f_stop.is_set():
             full = time.monotonic() >= next_full
@@ -105,6 +117,11 @@ def _prompt_delivery() -> Iterator[bool]:
                 ids = list(super().push_messages(messages))
                 deliveries.pushed(m.metadata.dst_node_id for m in messages)
                 return ids
+
+            def node_partitions(self, timeout: float) -> dict[int, int] | None:
+                """Node id -> partition id as the runtime gave the nodes (``server_app.describe_nodes``
+                then needs no query per node); ``None`` if the runtime has not started after ``timeout`` s."""
+                return deliveries.partitions(timeout)
 
         return PromptGrid
 

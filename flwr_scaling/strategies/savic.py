@@ -24,11 +24,12 @@ from flwr_scaling.core.server_update import next_model, state_from_average, warm
 from flwr_scaling.protocol.decoding import decode_replies
 from flwr_scaling.protocol.flower_adapter import construct_messages, log, log_train_replies
 from flwr_scaling.protocol.records import numpy_to_record, record_views
-from flwr_scaling.protocol.wire import wire_dtype
+from flwr_scaling.protocol.wire import MODEL_VERSION_KEY, wire_dtype
 from flwr_scaling.strategies.broadcast import StateBroadcast
 from flwr_scaling.strategies.recording import RoundHistory, client_evaluation_messages, failed_round_warning
 from flwr_scaling.strategies.sampling import NodeSampler
 from flwr_scaling.strategies.screening import ReplyScreen, describe
+from flwr_scaling.strategies.warmup import holds_model, without_model_for
 
 WARMUP_MESSAGE_TYPE = f"{MessageType.QUERY}.precond_stats"
 INITS = ("warmup", "ones")
@@ -286,16 +287,21 @@ class Savic(FedAvg):
                                        min_available=self.min_available_nodes, min_successful=self.min_successful_clients)
         true_round = server_round + self.round_offset
         config["server-round"] = true_round
+        self.client_settings.write(config)  # the one source of the clients' settings
+        config.pop(MODEL_VERSION_KEY, None)  # the train config is the same object every round
         self.state_broadcast.resolve(config, sends_state=self.rule.has_state)
+        holding_model: set[int] = set()
         if self.rule.has_state and self.precond_state is None and self.precond_init == "warmup":
-            self._warm_up(node_ids, arrays, config, grid)
+            config[MODEL_VERSION_KEY] = true_round
+            holding_model = self._warm_up(node_ids, arrays, config, grid)
         state = self.precond_state if self.rule.has_state else None
         self.state_broadcast.prepare(true_round, state, self._diagonal_bounds)
         self.recorder.set_bounds(*self.state_broadcast.bounds)
         plain = RecordDict({self.arrayrecord_key: arrays, self.configrecord_key: config})
-        messages = self.state_broadcast.messages(
-            plain, config, node_ids, lambda record, nodes: construct_messages(self, record, nodes, MessageType.TRAIN)
-        )
+        # The nodes that kept x⁰ from the warm-up train from it: their round-1 message carries no model.
+        construct = without_model_for(holding_model, self.arrayrecord_key,
+                                      lambda record, nodes: construct_messages(self, record, nodes, MessageType.TRAIN))
+        messages = self.state_broadcast.messages(plain, config, node_ids, construct)
         self.recorder.sent(messages)
         return messages
 
@@ -363,22 +369,28 @@ class Savic(FedAvg):
             return d, d
         return diagonal_bounds(self.rule.diagonal(state, self.precond_alpha))
 
-    def _warm_up(self, node_ids: list[int], arrays: ArrayRecord, config: ConfigRecord, grid: Grid) -> None:
-        """v⁰ = weighted mean of the sampled clients' statistics at x⁰ (no training)."""
+    def _warm_up(self, node_ids: list[int], arrays: ArrayRecord, config: ConfigRecord, grid: Grid) -> set[int]:
+        """v⁰ = weighted mean of the sampled clients' statistics at x⁰ (no training).
+
+        Returns the nodes whose good reply confirms that they kept x⁰ (the
+        config's ``model-version``): round 1 need not send them the model again.
+        """
         record = RecordDict({self.arrayrecord_key: arrays, self.configrecord_key: config})
         queries = construct_messages(self, record, node_ids, WARMUP_MESSAGE_TYPE)
         self.recorder.sent(queries)
         replies = list(grid.send_and_receive(messages=queries, timeout=self._timeout))
         self.recorder.received(replies)
+        holding_model = {reply.metadata.src_node_id for reply in replies if holds_model(reply, config[MODEL_VERSION_KEY])}
         replies = self._decode(replies)
         accepted = self.screen.screen(replies, stats_layout=None, parameter_layout=self.model_layout(), with_model=False)
         if not accepted:
             log(WARNING, "Warm-up: no usable statistic; starting from v = 1 (precond-init 'ones')")
-            return
+            return holding_model
         accepted.sort(key=self.sampler.reply_order)
         stats = [record_views(m.content[self.stats_key]) for m in accepted]
         self.precond_state = warmup_state(stats, [self.screen.weight(m) for m in accepted])
         log(INFO, "Warm-up: v⁰ from %d clients; D̂ in [%.3g, %.3g]", len(accepted), *self.precond_bounds())
+        return holding_model
 
     def model_layout(self):
         """``{key: (shape, dtype)}`` of the model sent this round (empty before the first)."""
