@@ -59,6 +59,10 @@ DESCRIPTIONS = {
     "wait_for_nodes_s": "how long the server waits for num-clients nodes before it gives up",
     "min_successful_clients": "a round with fewer accepted replies changes nothing and is recorded as failed",
     "checkpoint_every": "write a checkpoint every K rounds (0: never)",
+    "input_shape": "flat csv/parquet features reshaped to this image shape, e.g. 1x8x8 (product = feature count), "
+                   "so the cnn can train on them",
+    "label_names": "class names of text labels in class-id order, a JSON list; found from the data (sorted) "
+                   "and saved in config.json when empty",
 }
 
 
@@ -114,6 +118,8 @@ def _computed_defaults() -> dict[str, str]:
         "clients_per_round": "all",
         "model": "cnn for image data (digits, idx:), logreg otherwise",
         "test_path": "20% of the data, stratified",
+        "input_shape": "the data's own shape",
+        "label_names": "the data's text labels, sorted",
         "out": "runs/<label>",
     }
 

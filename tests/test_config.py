@@ -271,7 +271,8 @@ def test_every_option_is_checked():
            "dirichlet_alpha": 0.0, "wait_for_nodes_s": 0.0, "strategy": "x", "precond": "x", "precond_mode": "x",
            "precond_init": "x", "dataset": "x", "eval_split": "x", "model": "x", "out": "\0", "label_column": "",
            "test_path": "missing.csv", "server_tau": 0.0, "proximal_mu": -1.0, "partitioner": "x", "shard_classes": 0,
-           "client_eval_every": -1, "precond_dtype": "bf16", "precond_every": 0}
+           "client_eval_every": -1, "precond_dtype": "bf16", "precond_every": 0,
+           "input_shape": "1x0x8", "label_names": "[1, 2]"}
     for name, value in bad.items():
         with pytest.raises(ConfigError):
             replace(RunConfig(), **{name: value}).validate()

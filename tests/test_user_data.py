@@ -144,3 +144,92 @@ def test_images_too_small_for_the_cnn_fail_at_the_checks(tmp_path):
         load_federated_data.cache_clear()
     assert one_line(error) == ("dataset 'hf:local/tiny': model 'cnn' needs images of at least 4x4 (two 2x2 max-pools), "
                                "but the data's images are 2x2 (shape 1x2x2); use --model mlp or logreg")
+
+
+# ------------------------------------------------------------------ text labels (issue 11 item 9)
+def letters_csv(path, rows: int = 60, features: int = 64) -> str:
+    """A CSV of ``features`` columns and text labels 'Z', 'A', 'cat' (in that order of appearance)."""
+    rng = np.random.default_rng(0)
+    names = ["Z", "A", "cat"]
+    lines = [",".join([f"f{i}" for i in range(features)] + ["label"])]
+    for row in range(rows):
+        lines.append(",".join([f"{v:.3f}" for v in rng.random(features)] + [names[row % 3]]))
+    path.write_text("\n".join(lines) + "\n")
+    return str(path)
+
+
+def test_text_labels_become_sorted_class_ids(tmp_path):
+    source = load_source(f"csv:{letters_csv(tmp_path / 'd.csv', rows=6, features=2)}")
+    assert source.label_names == ("A", "Z", "cat")  # sorted: uppercase before lowercase
+    np.testing.assert_array_equal(source.labels, [1, 0, 2, 1, 0, 2])
+
+
+def test_label_names_are_resolved_into_the_config_and_used_by_node_files(tmp_path):
+    from flwr_scaling.data.node_files import load_node_file
+
+    path = letters_csv(tmp_path / "d.csv")
+    cfg = RunConfig(dataset=f"csv:{path}", num_clients=2).resolved()
+    assert cfg.label_names == '["A", "Z", "cat"]' and cfg.to_flower()["label-names"] == '["A", "Z", "cat"]'
+    assert RunConfig().resolved().label_names == "[]"  # numeric labels: nothing to map, nothing loaded
+    node = tmp_path / "node.csv"
+    node.write_text("a,b,label\n1,2,cat\n3,4,A\n")  # a node holding two of the classes keeps the run's ids
+    split = load_node_file(f"csv:{node}", "label", (2,), 3, False, ("A", "Z", "cat"))
+    np.testing.assert_array_equal(split.labels, [2, 0])
+    node.write_text("a,b,label\n1,2,dog\n")
+    load_node_file.cache_clear()
+    with pytest.raises(DataError) as error:
+        load_node_file(f"csv:{node}", "label", (2,), 3, False, ("A", "Z", "cat"))
+    assert one_line(error) == (f"csv:{node}: label 'dog' is not one of the run's classes (A, Z, cat); "
+                               "write the labels as the run's class names")
+
+
+def test_label_names_must_be_a_list_of_names():
+    with pytest.raises(ConfigError) as error:
+        RunConfig(label_names="cat,dog").validate()
+    assert one_line(error) == ("label-names must be a JSON list of distinct class names (e.g. [\"cat\", \"dog\"]), "
+                               "got 'cat,dog'")
+
+
+# ------------------------------------------------------------------ --input-shape
+def test_input_shape_reshapes_flat_features_for_the_cnn(tmp_path):
+    path = letters_csv(tmp_path / "d.csv")
+    cfg = RunConfig(dataset=f"csv:{path}", input_shape="1x8x8", num_clients=2).resolved()
+    assert cfg.model == "cnn"
+    data = load_federated_data(cfg.data_spec())
+    assert data.input_shape == (1, 8, 8) and data.train.features.shape[1:] == (1, 8, 8)
+
+
+@pytest.mark.parametrize("shape, message", [
+    ("1x8", "input-shape 1x8 holds 8 values but dataset 'csv:{path}' has 64 features per example; "
+            "give a shape whose product is 64"),
+    ("8x8x1x1", "input-shape must be up to 3 positive integers joined by 'x' (e.g. 1x8x8), got '8x8x1x1'"),
+    ("1x-8x8", "input-shape must be up to 3 positive integers joined by 'x' (e.g. 1x8x8), got '1x-8x8'"),
+])
+def test_bad_input_shape_is_one_line(tmp_path, shape, message):
+    path = letters_csv(tmp_path / "d.csv")
+    with pytest.raises((ConfigError, DataError)) as error:
+        RunConfig(dataset=f"csv:{path}", input_shape=shape, num_clients=2).resolved()
+    assert one_line(error) == message.format(path=path)
+
+
+def test_input_shape_too_small_for_the_cnn_fails_at_validate(tmp_path):
+    path = letters_csv(tmp_path / "d.csv")
+    with pytest.raises(ConfigError) as error:
+        RunConfig(dataset=f"csv:{path}", input_shape="16x2x2", model="cnn").validate()
+    assert one_line(error) == ("input-shape 16x2x2: model 'cnn' needs images of at least 4x4 (two 2x2 max-pools), "
+                               "but the data's images are 2x2 (shape 16x2x2); use --model mlp or logreg")
+
+
+def test_cnn_trains_on_text_labelled_csv_with_an_input_shape(tmp_path):
+    """An in-process run end to end: text labels and a reshaped CSV; config.json keeps the mapping."""
+    import json
+
+    from flwr_scaling.run.inprocess import run_inprocess
+
+    path = letters_csv(tmp_path / "d.csv", rows=90)
+    cfg = RunConfig(dataset=f"csv:{path}", input_shape="1x8x8", num_clients=2, rounds=2, partitioner="iid",
+                    out=str(tmp_path / "run"))
+    rows = run_inprocess(cfg)
+    assert [row["round"] for row in rows] == [1, 2]
+    saved = json.loads((tmp_path / "run" / "config.json").read_text())
+    assert saved["label-names"] == '["A", "Z", "cat"]' and saved["model"] == "cnn"

@@ -29,7 +29,7 @@ from flwr_scaling.clients.logic import client_eval_partition, client_partition, 
 from flwr_scaling.data.federated import Split, load_federated_data
 from flwr_scaling.data.node_files import STANDARDIZE, load_node_file, standardize_setting
 from flwr_scaling.errors import ConfigError
-from flwr_scaling.run.config import RunConfig
+from flwr_scaling.run.config import RunConfig, class_names
 
 DATA_PATH = "data-path"
 EVAL_PATH = "eval-path"
@@ -90,7 +90,9 @@ def eval_split(node_config: Mapping[str, Any], cfg: RunConfig) -> Split:
 def _node_file(cfg: RunConfig, node_config: Mapping[str, Any], spec: str) -> Split:
     data = load_federated_data(cfg.data_spec())
     shape = tuple(data.input_shape)
-    return load_node_file(spec, cfg.label_column, shape, data.num_classes, standardize_setting(node_config, shape))
+    # Text labels go through the run config's mapping, so every node numbers the classes alike.
+    return load_node_file(spec, cfg.label_column, shape, data.num_classes, standardize_setting(node_config, shape),
+                          class_names(cfg.label_names))
 
 
 __all__ = ["STANDARDIZE", "eval_split", "node_key", "train_split", "uses_own_data"]

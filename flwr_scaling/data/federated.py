@@ -24,7 +24,9 @@ from flwr_scaling.data.partitioners import (
     PartitionSpec,
     partitioner_kind,
 )
-from flwr_scaling.data.sources import load_source, source_default_model
+from flwr_scaling.data.source_types import Source, model_for_shape
+from flwr_scaling.data.sources import find_source, load_source, source_default_model
+from flwr_scaling.errors import DataError
 from flwr_scaling.data.specs import EVAL_SPLITS, DataSpec
 
 TEST_FRACTION = 0.2
@@ -53,12 +55,36 @@ class FederatedData:
     input_shape: tuple[int, ...]
     num_classes: int
     default_model: str
+    label_names: tuple[str, ...] = ()  # text labels: class i is label_names[i]; () for numeric labels
 
 
 def default_model(spec: DataSpec) -> str:
     """The model a run on ``spec`` uses when none is given: the source entry's, or else
     (sources that hold images or tables, e.g. ``hf:``) the loaded data's: the CNN for images."""
+    if spec.input_shape:
+        return model_for_shape(spec.input_shape)
     return source_default_model(spec.dataset) or load_federated_data(spec).default_model
+
+
+def data_label_names(spec: DataSpec) -> tuple[str, ...]:
+    """The class names of a source with text labels (sorted), () for numbers; loads only sources that may have text."""
+    if find_source(spec.dataset)[0].text_labels is False:
+        return ()
+    return load_federated_data(spec).label_names
+
+
+def reshaped(source: Source, input_shape: tuple[int, ...], dataset: str) -> Source:
+    """``source`` with every example reshaped to ``input_shape`` (its size checked), default model from the new shape."""
+    size = int(np.prod(source.features.shape[1:]))
+    if int(np.prod(input_shape)) != size:
+        shape = "x".join(str(n) for n in input_shape)
+        raise DataError(f"input-shape {shape} holds {int(np.prod(input_shape))} values but dataset {dataset!r} "
+                        f"has {size} features per example; give a shape whose product is {size}")
+    test = source.test
+    if test is not None:
+        test = (test[0].reshape(len(test[0]), *input_shape), test[1])
+    return replace(source, features=source.features.reshape(len(source.features), *input_shape),
+                   input_shape=tuple(input_shape), default_model=model_for_shape(input_shape), test=test)
 
 
 @lru_cache(maxsize=4)
@@ -77,6 +103,8 @@ def load_federated_data(spec: DataSpec) -> FederatedData:
 
     seed = spec.seed
     source = load_source(spec.dataset, spec.label_column, spec.test_path)
+    if spec.input_shape:
+        source = reshaped(source, spec.input_shape, spec.dataset)
     if source.test is not None:
         x_train, y_train = source.features, source.labels
         x_test, y_test = source.test
@@ -98,6 +126,7 @@ def load_federated_data(spec: DataSpec) -> FederatedData:
         input_shape=tuple(source.input_shape),
         num_classes=num_classes,
         default_model=source.default_model,
+        label_names=source.label_names,
     )
 
 
@@ -239,6 +268,6 @@ def make_loader(split: Split, batch_size: int, seed: int, shuffle: bool = True) 
 
 __all__ = [
     "EVAL_SPLITS", "MIN_PARTITION_SIZE", "PARTITIONERS", "PARTITION_INDICES_ATTR", "TEST_FRACTION", "DataSpec",
-    "FederatedData", "PartitionSpec", "Split", "cut_partition", "default_model", "load_bundled",
+    "FederatedData", "PartitionSpec", "Split", "cut_partition", "data_label_names", "default_model", "load_bundled",
     "load_federated_data", "load_partition", "make_loader", "partition_indices", "partitioner_for",
 ]

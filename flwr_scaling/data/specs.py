@@ -16,3 +16,4 @@ class DataSpec:
     eval_split: str = "test"
     label_column: str = "label"
     test_path: str = ""
+    input_shape: tuple[int, ...] = ()  # flat features reshaped to this (e.g. (1, 8, 8)); () keeps the source's

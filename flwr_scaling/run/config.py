@@ -9,6 +9,7 @@ before any data is loaded or Ray is started.
 from __future__ import annotations
 
 import difflib
+import json
 import math
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, fields, replace
@@ -22,11 +23,12 @@ from flwr_scaling.data.federated import (
     DataSpec,
     FederatedData,
     PartitionSpec,
+    data_label_names,
     default_model,
 )
 from flwr_scaling.data.partitioners import partitioner_names
 from flwr_scaling.data.sources import check_spec, named_sources, path_kinds, source_default_model, source_size
-from flwr_scaling.core.models import MODELS, input_problem
+from flwr_scaling.core.models import IMAGE_MODELS, MODELS, input_problem
 from flwr_scaling.core.rules import MODES, RULES, get_rule
 from flwr_scaling.errors import ConfigError, DataError
 from flwr_scaling.methods import METHODS, get_method
@@ -85,6 +87,8 @@ class RunConfig:
     min_successful_clients: int = 1
     checkpoint_every: int = 1
     client_eval_every: int = 0
+    input_shape: str = ""
+    label_names: str = ""
 
     # ------------------------------------------------------------------ keys
     @staticmethod
@@ -131,12 +135,15 @@ class RunConfig:
             server_lr=self.server_lr if self.server_lr is not None else method.server_lr,
             clients_per_round=self.clients_per_round or self.num_clients,
             model=model,
+            # "[]": numeric labels; a JSON list: the class names (sorted), the same for every split and node.
+            label_names=self.label_names or json.dumps(list(data_label_names(self.data_spec()))),
             out=self.out or f"runs/{self.label(precond)}",
         )
 
     def data_spec(self) -> DataSpec:
         """What ``data.load_federated_data`` needs from this configuration."""
-        return DataSpec(self.dataset, self.seed, self.eval_split, self.label_column, self.test_path)
+        return DataSpec(self.dataset, self.seed, self.eval_split, self.label_column, self.test_path,
+                        parse_input_shape(self.input_shape))
 
     def partition_spec(self) -> PartitionSpec:
         """What ``data.load_partition`` needs from this configuration."""
@@ -184,11 +191,17 @@ class RunConfig:
         except DataError as error:
             raise ConfigError(str(error)) from None
         _choice("eval-split", self.eval_split, EVAL_SPLITS)
+        shape = parse_input_shape(self.input_shape)
+        if shape and self.model is not None and input_problem(self.model, shape):
+            raise ConfigError(f"input-shape {self.input_shape}: {input_problem(self.model, shape)}")
+        class_names(self.label_names)
         if self.model is not None:
             _choice("model", self.model, MODELS)
             # hf: datasets may hold images; only loading them tells (a CNN on tables fails then, in one line).
-            if self.model == "cnn" and source_default_model(self.dataset) not in ("cnn", None):
-                raise ConfigError(f"model 'cnn' needs image data; dataset {self.dataset!r} is tabular: use --model mlp or logreg")
+            shaped = default_model(self.data_spec()) if self.input_shape else source_default_model(self.dataset)
+            if self.model in IMAGE_MODELS and shaped not in (*IMAGE_MODELS, None):
+                raise ConfigError(f"model {self.model!r} needs image data; dataset {self.dataset!r} is tabular: "
+                                  f"give --input-shape (e.g. 1x8x8) or use --model mlp or logreg")
         _range("precond-beta", self.precond_beta, 0.0, 1.0, high_open=True)
         _range("adam-beta1", self.adam_beta1, 0.0, 1.0, high_open=True)
         _range("momentum", self.momentum, 0.0, 1.0, high_open=True)
@@ -232,12 +245,39 @@ class RunConfig:
             raise ConfigError(f"out must be a folder name without NUL characters, got {self.out!r}")
 
 
+def parse_input_shape(text: str) -> tuple[int, ...]:
+    """``"1x8x8"`` -> (1, 8, 8); ``""`` -> () (the source's own shape); ConfigError for anything else."""
+    if not text:
+        return ()
+    parts = text.lower().split("x")
+    if not all(part.isdigit() and int(part) > 0 for part in parts) or len(parts) > 3:
+        raise ConfigError(f"input-shape must be up to 3 positive integers joined by 'x' (e.g. 1x8x8), got {text!r}")
+    return tuple(int(part) for part in parts)
+
+
+def class_names(text: str) -> tuple[str, ...]:
+    """``label-names`` (a JSON list of distinct strings, ``""`` before it is found) as a tuple; ConfigError otherwise."""
+    if not text:
+        return ()
+    try:
+        names = json.loads(text)
+    except ValueError:
+        names = None
+    if not isinstance(names, list) or not all(isinstance(n, str) for n in names) or len(set(names)) != len(names):
+        raise ConfigError(f"label-names must be a JSON list of distinct class names (e.g. [\"cat\", \"dog\"]), got {text!r}")
+    return tuple(names)
+
+
 def check_data_fits(cfg: RunConfig, data: FederatedData) -> None:
     """ConfigError when the loaded ``data`` cannot be used by ``cfg``'s model (images too small, flat
     features for an image model): asked by the preflight, before any training."""
     problem = input_problem(cfg.model or data.default_model, tuple(data.input_shape))
     if problem:
         raise ConfigError(f"dataset {cfg.dataset!r}: {problem}")
+    given = class_names(cfg.label_names)
+    if cfg.label_names and given != tuple(data.label_names):
+        raise ConfigError(f"label-names {cfg.label_names} differ from the classes of dataset {cfg.dataset!r} "
+                          f"({json.dumps(list(data.label_names))}); leave label-names empty to take the data's")
 
 
 def train_size(dataset: str, eval_split: str = "test") -> int | None:
