@@ -45,7 +45,7 @@ DESCRIPTIONS = {
     "local_epochs": "local epochs per round",
     "batch_size": "client batch size",
     "rounds": "number of rounds",
-    "num_clients": "number of clients (partitions)",
+    "num_clients": "number of clients (partitions), or auto: one per node that connects (the default of `flwr run .`)",
     "clients_per_round": "clients sampled per round",
     "dirichlet_alpha": "Dirichlet concentration of the label split (smaller = more heterogeneous)",
     "dataset": "a bundled dataset, data from files as KIND:PATH (idx:PATH is a folder), or a Hugging Face Hub "

@@ -8,6 +8,8 @@ binds a configuration directly (the ``flwr-scaling`` driver).
 from __future__ import annotations
 
 import time
+from dataclasses import replace
+from logging import INFO
 
 from flwr.app import ConfigRecord, Context, Message, MessageType, MetricRecord, RecordDict
 from flwr.serverapp import Grid, ServerApp
@@ -15,7 +17,8 @@ from flwr.serverapp import Grid, ServerApp
 from flwr_scaling.run.checkpoint import Checkpoint, save_checkpoint
 from flwr_scaling.core.arrays import numpy_to_torch, torch_to_numpy
 from flwr_scaling.protocol.records import numpy_to_record, record_to_numpy
-from flwr_scaling.run.config import ConfigError, RunConfig
+from flwr_scaling.protocol.flower_adapter import log
+from flwr_scaling.run.config import AUTO_CLIENTS, ConfigError, RunConfig
 from flwr_scaling.methods import get_method
 from flwr_scaling.data.federated import load_federated_data
 from flwr_scaling.run.objective import optimality_gap
@@ -80,6 +83,31 @@ def wait_for_nodes(grid: Grid, needed: int, timeout_s: float) -> None:
         time.sleep(0.5)
 
 
+NODE_SETTLE_S = 2.0  # with num-clients auto: the node count must hold this long before it is taken
+
+
+def settled_node_count(grid: Grid, timeout_s: float, settle_s: float = NODE_SETTLE_S) -> int:
+    """The number of connected nodes once it has stopped changing for ``settle_s`` (num-clients auto).
+
+    Flower's simulation registers all its nodes at once, right after the
+    ServerApp starts; real SuperNodes connect one by one. Fails with one line
+    when no node connects within ``timeout_s``.
+    """
+    deadline = time.monotonic() + timeout_s
+    count, since = 0, time.monotonic()
+    while True:
+        now = time.monotonic()
+        connected = len(list(grid.get_node_ids()))
+        if connected != count:
+            count, since = connected, now
+        elif count and now - since >= settle_s:
+            log(INFO, "num-clients auto: %d nodes connected; one partition each", count)
+            return count
+        if not count and now > deadline:
+            raise ConfigError(f"no node connected after {timeout_s:g} s: start SuperNodes (num-clients is auto)")
+        time.sleep(0.2)
+
+
 def describe_nodes(grid: Grid, config: dict, timeout_s: float) -> dict[int, int]:
     """Every node's partition id, so that nodes are ranked the same in every run.
 
@@ -108,6 +136,8 @@ def run_server(grid: Grid, config: RunConfig, resume: Checkpoint | None = None) 
 
     Returns the strategy (its preconditioner state and per-round history).
     """
+    if config.num_clients == AUTO_CLIENTS:  # `flwr run .`: one client per node the federation started
+        config = replace(config, num_clients=settled_node_count(grid, config.wait_for_nodes_s))
     cfg = config.resolved()
     flower_config = cfg.to_flower()
     wait_for_nodes(grid, cfg.num_clients, cfg.wait_for_nodes_s)

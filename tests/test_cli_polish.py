@@ -53,3 +53,55 @@ def test_compare_help_lists_the_baselines_rules_and_modes(capsys):
 
 def test_sweep_help_lists_the_backends(capsys):
     assert "--backend {simulation,inprocess}" in " ".join(_help(capsys, "sweep").split())
+
+
+# ------------------------------------------------------------ num-clients auto
+def test_num_clients_auto_is_accepted_and_the_command_line_resolves_it_to_ten():
+    from flwr_scaling.run.config import ConfigError, RunConfig
+
+    cfg = RunConfig.from_mapping({"num-clients": "auto"})
+    assert cfg.num_clients == "auto"
+    assert cfg.resolved().num_clients == 10 and cfg.resolved().clients_per_round == 10
+    with pytest.raises(ConfigError, match="^num-clients must be an integer, got 'many'$"):
+        RunConfig.from_mapping({"num-clients": "many"})
+
+
+class GrowingGrid:
+    """A grid whose nodes connect one per look, up to ``total`` (real SuperNodes arriving)."""
+
+    def __init__(self, total: int) -> None:
+        self.total, self.looks = total, 0
+
+    def get_node_ids(self):
+        self.looks += 1
+        return list(range(min(self.looks, self.total)))
+
+
+def test_auto_counts_the_nodes_once_their_number_holds():
+    from flwr_scaling.server_app import settled_node_count
+
+    assert settled_node_count(GrowingGrid(3), timeout_s=10, settle_s=0.3) == 3
+
+
+def test_auto_without_any_node_fails_in_one_line():
+    from flwr_scaling.run.config import ConfigError
+    from flwr_scaling.server_app import settled_node_count
+
+    with pytest.raises(ConfigError, match=r"^no node connected after 0.5 s: start SuperNodes \(num-clients is auto\)$"):
+        settled_node_count(GrowingGrid(0), timeout_s=0.5, settle_s=0.1)
+
+
+# ------------------------------------------------------------------ no warnings
+@pytest.mark.slow
+def test_a_simulation_run_prints_no_warning(tmp_path):
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    proc = subprocess.run(
+        [str(Path(sys.executable).parent / "flwr-scaling"), "run", "--backend", "simulation", "--rounds", "1",
+         "--num-clients", "2", "--out", str(tmp_path / "run")],
+        capture_output=True, text=True, timeout=300, cwd=tmp_path,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "Warning" not in proc.stderr and "WARNING" not in proc.stderr and "deprecated" not in proc.stderr, proc.stderr

@@ -252,7 +252,8 @@ def test_every_server_optimizer_name_is_one_flower_runs(name):
 # ------------------------------------------------------- defaults in one place
 # Options whose pyproject value differs from RunConfig's on purpose: `flwr run .`
 # writes to its own folder rather than runs/<label>, where the CLI's runs go.
-FLOWER_APP_OWN = {"out": "runs/flwr-run"}
+# num-clients: "auto", one client per SuperNode of the federation `flwr run .` starts.
+FLOWER_APP_OWN = {"out": "runs/flwr-run", "num-clients": "auto"}
 
 
 def test_the_flower_app_config_matches_runconfig_defaults():

@@ -721,7 +721,7 @@ def test_warmup_reads_no_more_batches_than_it_uses():
     assert pulled == [0, 1]
 
 
-# ------------------------------------------- fused (in-place) against reference loop
+# ------------------------------------------- ScaledSGD loop (fused) against reference loop
 
 
 def _cnn_problem(rule: str, seed: int = 0):
@@ -800,8 +800,9 @@ def test_fused_path_by_hand_local_adagrad_float64(mode):
     torch.testing.assert_close(weights[0], weights[1], **TIGHT)
 
 
-def test_rule_without_in_place_variants_takes_reference_loop(monkeypatch):
-    # a rule registered with only its pure functions still trains, as the reference loop does
+def test_rule_without_in_place_variants_trains_as_the_reference_loop(monkeypatch):
+    # a rule registered with only its pure functions still trains through ScaledSGD (its pure
+    # update/diagonal, then the fused step), as the reference loop does, to float64 rounding
     import dataclasses
 
     from flwr_scaling.core.rules import RULES
@@ -814,4 +815,13 @@ def test_rule_without_in_place_variants_takes_reference_loop(monkeypatch):
         model = make_model()
         train_scaled(model, make_loader(3), settings, state_v(), fused=fused)
         weights.append(model.weight.detach().clone())
-    assert torch.equal(weights[0], weights[1])
+    assert not torch.equal(weights[0], make_model().weight.detach())  # it did train
+    torch.testing.assert_close(weights[0], weights[1], **TIGHT)
+
+
+def test_model_without_trainable_parameters_is_refused():
+    model = make_model()
+    model.weight.requires_grad_(False)
+    with pytest.raises(ValueError) as info:
+        train_scaled(model, make_loader(1), TrainSettings(rule="rmsprop"))
+    assert str(info.value) == "the model has no trainable parameters: there is nothing to train"

@@ -17,9 +17,11 @@ import torch.nn.functional as F
 from torch import nn
 
 # MODES is defined with the rules (their default step size is per mode), and hutchinson_diagonal
-# with the statistics; both stay importable from here.
-from flwr_scaling.core.rules import MODES, STAT_GRAD_SQUARED, STAT_HUTCHINSON, ScalingRule, diagonal_bounds, get_rule
+# with the statistics; both stay importable from here (hutchinson_diagonal is only re-exported).
+from flwr_scaling.core.rules import MODES, STAT_HUTCHINSON, ScalingRule, diagonal_bounds, get_rule
+from flwr_scaling.core.optimizer import Preconditioner, ScaledSGD
 from flwr_scaling.core.statistics import hutchinson_diagonal, rule_statistic
+
 Tensors = dict[str, torch.Tensor]
 
 
@@ -139,8 +141,8 @@ class _RoundOutcome:
     loss_sum: float = 0.0
     num_examples: int = 0
     diag: list[torch.Tensor] | None = None  # the last D̂ used
-    stat_sums: list[torch.Tensor] | None = None  # global mode: sum of the per-step statistics
-    state: list[torch.Tensor] | None = None  # local mode: the client's final state
+    # What the client replies, keyed by name: the round-mean statistic (global mode) or its final state (local).
+    statistic: Tensors | None = None
 
 
 def train_scaled(
@@ -169,18 +171,26 @@ def train_scaled(
     generator : torch.Generator, optional
         Source of the Hutchinson probes (seed it for reproducible runs).
     fused : bool (default: True)
-        ``True``: update the state, the moments and the parameters in place
-        with one ``torch._foreach_*`` kernel per operation for all parameter
-        tensors (the rule's ``update_``/``diagonal_many``), which is what
-        keeps a scaled step close to a plain SGD step. ``False``: the
-        reference loop through the rule's pure ``update``/``diagonal``
-        functions, tensor by tensor. Both give the same parameters up to
-        float rounding; the reference is kept to test the fast path against.
+        ``True``: a plain loop over ``ScaledSGD`` (``core.optimizer``), the
+        optimizer a user's own client steps with, whose in-place
+        ``torch._foreach_*`` kernels keep a scaled step close to a plain SGD
+        step. ``False``: the reference loop through the rule's pure
+        ``update``/``diagonal`` functions, tensor by tensor, written
+        independently of ``ScaledSGD`` to test it against. Both give the same
+        parameters up to float rounding.
+
+    Raises
+    ------
+    ValueError
+        An unknown rule or mode, a state lacking a parameter, a model without
+        trainable parameters, or a loader without batches.
     """
     rule = get_rule(settings.rule)
     if settings.mode not in MODES:
         raise ValueError(f"unknown precond-mode {settings.mode!r}; choose one of {', '.join(MODES)}")
     named = trainable_parameters(model)
+    if not named:
+        raise ValueError("the model has no trainable parameters: there is nothing to train")
     names, params = list(named), list(named.values())
 
     current: Tensors | None = None
@@ -190,20 +200,19 @@ def train_scaled(
         if missing:
             raise ValueError(f"the preconditioner state lacks parameters {sorted(missing)}")
         current = {n: current[n].to(dtype=named[n].dtype) for n in names}
-    # foreach kernels refuse empty lists: a model without trainable parameters takes the reference loop.
-    if fused and params and rule.has_in_place:
-        outcome = _fused_round(model, loader, settings, rule, params, current, generator)
+    if fused:
+        outcome = _optimizer_round(model, loader, settings, names, params, current, generator)
     else:
         outcome = _reference_round(model, loader, settings, rule, names, params, current, generator)
     if outcome.steps == 0:
         raise ValueError("the data loader yielded no batch: the client has no data")
 
-    diag, stat_sums, steps = outcome.diag, outcome.stat_sums, outcome.steps
+    diag, replied, steps = outcome.diag, outcome.statistic, outcome.steps
     low, high = diagonal_bounds(dict(zip(names, diag, strict=True))) if diag is not None else (1.0, 1.0)
-    statistic = {n: acc / steps for n, acc in zip(names, stat_sums, strict=True)} if stat_sums is not None else None
+    local = settings.mode == "local"
     return TrainResult(
-        statistic=statistic,
-        state=dict(zip(names, outcome.state, strict=True)) if outcome.state is not None else None,
+        statistic=None if local else replied,
+        state=replied if local else None,
         num_steps=steps,
         num_examples=outcome.num_examples,
         train_loss=outcome.loss_sum / steps,
@@ -212,88 +221,37 @@ def train_scaled(
     )
 
 
-def _fused_round(
+def _optimizer_round(
     model: nn.Module,
     loader: Iterable[tuple[torch.Tensor, torch.Tensor]],
     settings: TrainSettings,
-    rule: ScalingRule,
+    names: list[str],
     params: list[torch.Tensor],
     current: Tensors | None,
     generator: torch.Generator | None,
 ) -> _RoundOutcome:
-    """The round with in-place foreach kernels: no new state or moment tensors per step.
-
-    A step of local adam is then six kernel launches for all parameter tensors
-    together (state: scale and add g ⊙ g; D̂: sqrt and clip; moment: lerp;
-    parameters: one add-divide), against about eleven per tensor for the pure
-    functions, which is what a small model's step time is made of.
-    """
-    local = rule.has_state and settings.mode == "local"
-    start = list(current.values()) if current is not None else None
-    # Local mode writes the state in place: work on copies, the caller's state stays as it was.
-    states = [v.clone() for v in start] if local else None
-    diag = rule.diagonal_many(start, settings.alpha) if rule.has_state and not local else None
-    stat_sums = [torch.zeros_like(p) for p in params] if rule.has_state and not local else None
-    first_moment = [torch.zeros_like(p) for p in params] if rule.first_moment else None
-    velocity = [torch.zeros_like(p) for p in params] if settings.momentum else None
-    # FedProx: the round's starting model x_round (the model the server sent).
-    anchor = [p.detach().clone() for p in params] if settings.proximal_mu else None
-    # g ⊙ g is never formed: the gradients go into addcmul kernels instead.
-    squared = rule.statistic == STAT_GRAD_SQUARED
-    need_graph = rule.statistic == STAT_HUTCHINSON
-    outcome = _RoundOutcome(stat_sums=stat_sums, state=states)
-
+    """The round as a user's loop writes it: ``ScaledSGD`` stepping on each batch's loss."""
+    precond = Preconditioner(
+        settings.rule, settings.mode, alpha=settings.alpha, beta=settings.beta, adam_beta1=settings.adam_beta1,
+        momentum=settings.momentum, num_probes=settings.num_probes, state=current,
+    )
+    optimizer = ScaledSGD(
+        params, settings.lr, precond, names=names, generator=generator, proximal_mu=settings.proximal_mu
+    )
+    outcome = _RoundOutcome()
     model.train()
     for x, y, first_epoch in _each_batch(loader, settings.local_epochs):
         outcome.steps += 1
         outcome.num_examples += len(y) if first_epoch else 0
-        loss, grads = _loss_and_gradients(model, params, x, y, create_graph=need_graph)
+        loss = F.cross_entropy(model(x), y)
+        # The optimizer differentiates the loss itself: Hutchinson's probes need the gradient's graph.
+        optimizer.step(loss=loss)
         outcome.loss_sum += loss.item()
-        grads = list(grads)
-        statistic = None
-        if rule.has_state:  # Hutchinson probes need autograd, so they come before no_grad
-            statistic = grads if squared else hutchinson_diagonal(grads, params, settings.num_probes, generator)
-        with torch.no_grad():
-            if stat_sums is not None:
-                if squared:
-                    torch._foreach_addcmul_(stat_sums, statistic, statistic)
-                else:
-                    torch._foreach_add_(stat_sums, statistic)
-            elif statistic is not None:  # local scaling: absorb this step's statistic, then recompute D̂
-                rule.update_(states, statistic, settings.beta, squared=squared)
-                diag = rule.diagonal_many(states, settings.alpha)
-            direction, scale = grads, 1.0
-            if anchor is not None:  # FedProx gradient g + mu (x - x_round)
-                direction = torch._foreach_add(grads, torch._foreach_sub(params, anchor), alpha=settings.proximal_mu)
-            if first_moment is not None:
-                # m <- beta1 m + (1 - beta1) g; the bias correction 1 / (1 - beta1^t) goes into the step's scalar.
-                torch._foreach_lerp_(first_moment, direction, 1.0 - settings.adam_beta1)
-                direction, scale = first_moment, 1.0 / (1.0 - settings.adam_beta1**outcome.steps)
-            _fused_step(params, direction, scale, diag, velocity, settings)
-    outcome.diag = diag
+    if outcome.steps:
+        diag = optimizer.diagonal()
+        outcome.diag = [diag[n] for n in names] if diag is not None else None
+        outcome.statistic = optimizer.statistic()  # global mode: the round mean; local mode: the state v
     return outcome
-
-
-def _fused_step(
-    params: list[torch.Tensor],
-    direction: list[torch.Tensor],
-    scale: float,
-    diag: list[torch.Tensor] | None,
-    velocity: list[torch.Tensor] | None,
-    settings: TrainSettings,
-) -> None:
-    """``x <- x - lr u``, with ``u = scale * direction / D̂`` (or its heavy-ball velocity)."""
-    if velocity is not None:
-        torch._foreach_mul_(velocity, settings.momentum)
-        if diag is None:
-            torch._foreach_add_(velocity, direction, alpha=scale)
-        else:
-            torch._foreach_addcdiv_(velocity, direction, diag, value=scale)
-        torch._foreach_add_(params, velocity, alpha=-settings.lr)
-    elif diag is None:
-        torch._foreach_add_(params, direction, alpha=-settings.lr * scale)
-    else:
-        torch._foreach_addcdiv_(params, direction, diag, value=-settings.lr * scale)
 
 
 def _reference_round(
@@ -348,8 +306,12 @@ def _reference_round(
                     velocity[i].mul_(settings.momentum).add_(direction)
                     direction = velocity[i]
                 param.sub_(direction, alpha=settings.lr)
-    local_state = [current[n] for n in names] if rule.has_state and settings.mode == "local" else None
-    return _RoundOutcome(steps, loss_sum, num_examples, diag, stat_sums, local_state)
+    replied = None
+    if stat_sums is not None and steps:
+        replied = {n: acc / steps for n, acc in zip(names, stat_sums, strict=True)}
+    elif rule.has_state and settings.mode == "local":
+        replied = {n: current[n] for n in names}
+    return _RoundOutcome(steps, loss_sum, num_examples, diag, replied)
 
 
 def train_local_adam(

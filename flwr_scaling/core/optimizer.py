@@ -29,8 +29,9 @@ How the gradient reaches ``step``:
   gradients, calls ``backward`` (``create_graph=True`` for ``oasis``) and
   returns the loss.
 
-The numbers are those of ``flwr_scaling.core.local_sgd.train_scaled`` (same
-kernels in the same order, same Hutchinson probes from the same generator).
+``flwr_scaling.core.local_sgd.train_scaled`` is a loop over this optimizer
+(the package's clients train with it); its reference loop (``fused=False``),
+written through the rules' pure functions, is the independent check.
 """
 
 from __future__ import annotations
@@ -43,8 +44,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from flwr_scaling.core.local_sgd import hutchinson_diagonal
 from flwr_scaling.core.rules import MODES, STAT_GRAD_SQUARED, STAT_HUTCHINSON, ScalingRule, diagonal_bounds, get_rule
+from flwr_scaling.core.statistics import hutchinson_diagonal
 
 Tensors = dict[str, torch.Tensor]
 

@@ -34,6 +34,11 @@ from flwr_scaling.errors import ConfigError, DataError
 from flwr_scaling.methods import METHODS, get_method
 
 INITS = ("warmup", "ones")
+# num-clients = "auto" (the Flower App's default): one client per node the federation
+# started, counted by the ServerApp (server_app.settled_node_count) before anything
+# else uses the number; a run outside a federation (the command line) gets DEFAULT_NUM_CLIENTS.
+AUTO_CLIENTS = "auto"
+DEFAULT_NUM_CLIENTS = 10
 
 # Examples in the bundled scikit-learn datasets, from their source-registry entries
 # (tests/test_config.py checks them against scikit-learn). They bound num-clients
@@ -71,7 +76,7 @@ class RunConfig:
     local_epochs: int = 1
     batch_size: int = 32
     rounds: int = 30
-    num_clients: int = 10
+    num_clients: int | str = DEFAULT_NUM_CLIENTS  # or AUTO_CLIENTS
     clients_per_round: int | None = None
     dirichlet_alpha: float = 0.5
     partitioner: str = "dirichlet"
@@ -121,6 +126,8 @@ class RunConfig:
     # -------------------------------------------------------------- defaults
     def resolved(self) -> RunConfig:
         """Fill every ``None`` with its documented default; validate first."""
+        if self.num_clients == AUTO_CLIENTS:  # no federation counted the nodes: the command line's default
+            return replace(self, num_clients=DEFAULT_NUM_CLIENTS).resolved()
         self.validate()
         method = get_method(self.strategy)
         precond = self.precond or method.default_precond
@@ -407,6 +414,8 @@ def _coerce(key: str, value: Any, annotation: Any) -> Any:
     fraction (``2.0`` from a TOML file is 2, ``2.5`` is an error).
     """
     text = str(annotation)
+    if key == "num-clients" and value == AUTO_CLIENTS:
+        return value
     if value is None or (isinstance(value, str) and value == "" and "None" in text):
         if "None" not in text:
             raise ConfigError(f"{key} must be {_kind(text)}, got None")

@@ -6,6 +6,7 @@ import logging
 import os
 import threading
 import time
+import warnings
 from collections import Counter
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
@@ -129,6 +130,33 @@ def _prompt_delivery() -> Iterator[bool]:
         yield installed
 
 
+class _DropKnownNotices(logging.Filter):
+    """Drops the log records of Flower's that say nothing actionable about this project's runs."""
+
+    # run_simulation is the only way to run a ServerApp object in this process
+    # (`flwr run` needs an installed app and a SuperLink); FedAvg warns that
+    # fraction_evaluate is 0, which is on purpose (the server evaluates centrally).
+    KNOWN = ("The `run_simulation` function is deprecated", "fraction_evaluate is set to 0.0")
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not any(text in record.getMessage() for text in self.KNOWN)
+
+
+@contextmanager
+def _without_known_notices() -> Iterator[None]:
+    """For one ``run_simulation`` call: silence the notices we cannot act on, at their source."""
+    flower_logger, notices = logging.getLogger("flwr"), _DropKnownNotices()
+    flower_logger.addFilter(notices)
+    try:
+        with warnings.catch_warnings():
+            # Ray's ray.init warns that a future Ray will stop overriding the visible
+            # accelerators when num_gpus is 0; nothing here depends on either behaviour.
+            warnings.filterwarnings("ignore", message="Tip: In future versions of Ray", category=FutureWarning)
+            yield
+    finally:
+        flower_logger.removeFilter(notices)
+
+
 def preflight(cfg: RunConfig) -> None:
     """Everything that can fail cheaply, before Ray starts: options, data, partitions."""
     from flwr_scaling.clients.logic import client_partition
@@ -200,7 +228,7 @@ def simulate(
     quiet_flower(verbose)
     # Ray's workers inherit this process's environment.
     os.environ.setdefault("OMP_NUM_THREADS", "1")
-    with _prompt_delivery():
+    with _prompt_delivery(), _without_known_notices():
         run_simulation(
             server_app=make_server_app(cfg, resume),
             client_app=client_app,
