@@ -224,7 +224,9 @@ def test_fedavg_accepts_the_options_and_sends_what_it_always_sent():
     cheap, bytes_cheap, calls_cheap = run(precond_dtype="bfloat16", precond_every=3)
     assert plain == cheap and bytes_plain == bytes_cheap == [2 * MODEL_BYTES] * 2
     assert calls_plain == calls_cheap == []  # no warm-up either
-    assert plain[0][0] == (A, ["arrays", "config"], ["lr", "server-round"])
+    # the client settings the strategy always sends (strategies/client_settings.py), and no dtype or version
+    settings = ["adam-beta1", "lr", "precond", "precond-alpha", "precond-beta", "precond-mode", "precond-probes"]
+    assert plain[0][0] == (A, ["arrays", "config"], [*settings, "server-round"])
 
 
 # ------------------------------------------------------------------ the client
