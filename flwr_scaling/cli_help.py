@@ -63,6 +63,13 @@ DESCRIPTIONS = {
                    "so the cnn can train on them",
     "label_names": "class names of text labels in class-id order, a JSON list; found from the data (sorted) "
                    "and saved in config.json when empty",
+    "screen_factor": "reject a reply whose model update or statistic norm (or, without a known bound, num-examples) "
+                     "is more than K x the round's median, with at least 3 replies (0: off)",
+    "max_num_examples": "largest num-examples a device may claim (deployment; 0: K x the round's median); "
+                        "in simulation the partition sizes bound it",
+    "aggregation": "mean (weighted by num-examples), or the element-wise median or trimmed-mean of the accepted "
+                   "replies (unweighted), for models and statistics",
+    "trim_fraction": "fraction of replies cut from each end by --aggregation trimmed-mean, in [0, 0.5)",
 }
 
 
@@ -103,6 +110,7 @@ def _choices() -> dict[str, list[str]]:
         "precond_dtype": list(run_config.PRECOND_DTYPES),
         "partitioner": list(partitioner_names()),
         "eval_split": list(run_config.EVAL_SPLITS),
+        "aggregation": list(run_config.AGGREGATIONS),
         "model": list(run_config.MODELS),
         "dataset": [*named_sources(), *(f"{kind}:{'NAME' if kind == HUB_KIND else 'PATH'}" for kind in path_kinds())],
     }

@@ -10,6 +10,7 @@ from __future__ import annotations
 import time
 from dataclasses import replace
 from logging import INFO
+from collections.abc import Mapping
 
 from flwr.app import ConfigRecord, Context, Message, MessageType, MetricRecord, RecordDict
 from flwr.serverapp import Grid, ServerApp
@@ -26,13 +27,16 @@ from flwr_scaling.run.recorder import RunRecorder
 from flwr_scaling.core.seeding import derived_seed, initial_model
 from flwr_scaling.strategies import Savic
 from flwr_scaling.strategies.fedopt import ServerOptimizer
+from flwr_scaling.strategies.screening import ReplyScreen
+from flwr_scaling.core.rules import get_rule
+from flwr_scaling.data.federated import partition_indices
 from flwr_scaling.core.local_sgd import evaluate
 
 
 NODE_INFO_MESSAGE_TYPE = f"{MessageType.QUERY}.node_info"
 
 
-def make_strategy(cfg: RunConfig, **runtime) -> Savic | ServerOptimizer:
+def make_strategy(cfg: RunConfig, example_bounds: Mapping[int, int] | None = None, **runtime) -> Savic | ServerOptimizer:
     """The strategy for a resolved configuration.
 
     ``savic`` and ``fedavg`` (SAVIC with identity scaling) as configured;
@@ -42,7 +46,10 @@ def make_strategy(cfg: RunConfig, **runtime) -> Savic | ServerOptimizer:
     tau = server-tau, Flower's beta_1 = 0.9 and beta_2 = 0.99). ``runtime``: the
     strategy's options known once the run has started (``node_order``, and
     ``precond_state``, ``sampler_state``, ``round_offset``, ``last_broadcast``
-    when resuming).
+    when resuming). ``example_bounds``: the largest ``num-examples`` each node
+    id may claim (``partition_sizes``); the screen's other options are the
+    configuration's (``screen-factor``, ``max-num-examples``, ``aggregation``,
+    ``trim-fraction``).
     """
     common = dict(
         min_successful_clients=cfg.min_successful_clients,
@@ -56,6 +63,11 @@ def make_strategy(cfg: RunConfig, **runtime) -> Savic | ServerOptimizer:
         **runtime,
     )
     optimizer = get_method(cfg.strategy).server_optimizer
+    common["screen"] = ReplyScreen(
+        rule=get_rule(cfg.precond if optimizer is None else "identity"), screen_factor=cfg.screen_factor,
+        max_num_examples=cfg.max_num_examples or None, example_bounds=example_bounds,
+        aggregation=cfg.aggregation, trim_fraction=cfg.trim_fraction,
+    )
     if optimizer is not None:
         return ServerOptimizer(optimizer=optimizer, eta=cfg.server_lr, tau=cfg.server_tau, eta_l=cfg.lr, **common)
     scaling = dict(
@@ -68,6 +80,12 @@ def make_strategy(cfg: RunConfig, **runtime) -> Savic | ServerOptimizer:
         precond_every=cfg.precond_every,
     )
     return Savic(server_lr=cfg.server_lr, **scaling, **common)
+
+
+def partition_sizes(cfg: RunConfig, node_order: Mapping[int, int]) -> dict[int, int]:
+    """``{node id: size of its partition}`` for the nodes whose rank is a partition of this run."""
+    spec = cfg.partition_spec()
+    return {node: len(partition_indices(spec, rank)) for node, rank in node_order.items() if 0 <= rank < cfg.num_clients}
 
 
 def wait_for_nodes(grid: Grid, needed: int, timeout_s: float) -> None:
@@ -131,8 +149,13 @@ def describe_nodes(grid: Grid, config: dict, timeout_s: float) -> dict[int, int]
     return order
 
 
-def run_server(grid: Grid, config: RunConfig, resume: Checkpoint | None = None) -> Savic | ServerOptimizer:
+def run_server(grid: Grid, config: RunConfig, resume: Checkpoint | None = None, *,
+               known_partitions: bool = True) -> Savic | ServerOptimizer:
     """Run every round of ``config`` on ``grid`` (from ``resume`` on, if given).
+
+    ``known_partitions``: the nodes train on this run's demo partitions (a
+    simulation), so each node's ``num-examples`` is bounded by its
+    partition's size; otherwise by ``max-num-examples`` or the round's median.
 
     Returns the strategy (its preconditioner state and per-round history).
     """
@@ -155,7 +178,8 @@ def run_server(grid: Grid, config: RunConfig, resume: Checkpoint | None = None) 
         if resume.broadcast_version is not None:
             runtime["last_broadcast"] = (resume.broadcast_version, resume.broadcast_state)
         recorder.restore(resume.rows)
-    strategy = make_strategy(cfg, **runtime)
+    bounds = partition_sizes(cfg, runtime["node_order"]) if known_partitions else None
+    strategy = make_strategy(cfg, example_bounds=bounds, **runtime)
 
     def evaluate_fn(server_round: int, arrays) -> MetricRecord:
         current = record_to_numpy(arrays)
@@ -200,7 +224,8 @@ def make_server_app(config: RunConfig | None = None, resume: Checkpoint | None =
     @server_app.main()
     def main(grid: Grid, context: Context) -> None:
         cfg = config if config is not None else RunConfig.from_mapping(dict(context.run_config))
-        run_server(grid, cfg, resume)
+        # Bound to a configuration: the flwr-scaling driver's simulation, whose nodes hold its partitions.
+        run_server(grid, cfg, resume, known_partitions=config is not None)
 
     return server_app
 

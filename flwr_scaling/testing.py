@@ -26,6 +26,15 @@ FAULTS = (
     "no-num-examples",  # the metrics lack num-examples
     "zero-num-examples",  # num-examples is 0
 )
+# Finite, well-shaped and non-negative, but absurd: only the bounds and the cohort rule (at least
+# three replies, most of them honest) catch these, so they are kept apart from the faults above.
+ABSURD_FAULTS = (
+    "huge-stats",  # every entry of the first statistic array is 1e30
+    "huge-num-examples",  # num-examples is 1e308
+    "huge-model",  # 1e30 added to the first model array
+    "nan-loss",  # train_loss is NaN
+)
+HUGE = 1e30
 
 
 def _first(record: ArrayRecord) -> str:
@@ -39,8 +48,8 @@ def _replace(record: ArrayRecord, key: str, value: np.ndarray) -> ArrayRecord:
 
 def corrupt(content: RecordDict, fault: str) -> RecordDict:
     """Return a copy of a reply's content with ``fault`` injected."""
-    if fault not in FAULTS:
-        raise ValueError(f"unknown fault {fault!r}; choose one of {', '.join(FAULTS)}")
+    if fault not in FAULTS + ABSURD_FAULTS:
+        raise ValueError(f"unknown fault {fault!r}; choose one of {', '.join(FAULTS + ABSURD_FAULTS)}")
     records = dict(content.items())
     model = records.get("arrays")
     stats = records.get("stats")
@@ -67,12 +76,20 @@ def corrupt(content: RecordDict, fault: str) -> RecordDict:
     elif fault == "wrong-dtype" and model is not None:
         key = _first(model)
         records["arrays"] = _replace(model, key, model[key].numpy().astype(np.float64))
-    elif fault in ("no-num-examples", "zero-num-examples"):
+    elif fault == "huge-stats" and stats is not None:
+        key = _first(stats)
+        records["stats"] = _replace(stats, key, np.full_like(stats[key].numpy(), HUGE))
+    elif fault == "huge-model" and model is not None:
+        key = _first(model)
+        records["arrays"] = _replace(model, key, model[key].numpy() + np.float32(HUGE))
+    elif fault in ("no-num-examples", "zero-num-examples", "huge-num-examples", "nan-loss"):
         metrics = dict(records["metrics"].items())
         if fault == "no-num-examples":
             metrics.pop("num-examples")
+        elif fault == "nan-loss":
+            metrics["train_loss"] = float("nan")
         else:
-            metrics["num-examples"] = 0
+            metrics["num-examples"] = 0 if fault == "zero-num-examples" else 1e308
         records["metrics"] = MetricRecord(metrics)
     return RecordDict(records)
 
@@ -80,9 +97,9 @@ def corrupt(content: RecordDict, fault: str) -> RecordDict:
 def faulty_client_app(faults: Mapping[int, str], in_warmup: bool = False) -> ClientApp:
     """This project's ClientApp, with ``faults[partition_id]`` injected into that partition's
     training replies (and warm-up replies too when ``in_warmup``)."""
-    unknown = sorted(set(faults.values()) - set(FAULTS))
+    unknown = sorted(set(faults.values()) - set(FAULTS + ABSURD_FAULTS))
     if unknown:
-        raise ValueError(f"unknown faults {unknown}; choose from {', '.join(FAULTS)}")
+        raise ValueError(f"unknown faults {unknown}; choose from {', '.join(FAULTS + ABSURD_FAULTS)}")
     app = ClientApp()
 
     def wrapped(handler):

@@ -272,6 +272,7 @@ def test_every_option_is_checked():
            "precond_init": "x", "dataset": "x", "eval_split": "x", "model": "x", "out": "\0", "label_column": "",
            "test_path": "missing.csv", "server_tau": 0.0, "proximal_mu": -1.0, "partitioner": "x", "shard_classes": 0,
            "client_eval_every": -1, "precond_dtype": "bf16", "precond_every": 0,
+           "screen_factor": 0.5, "max_num_examples": -1, "aggregation": "x", "trim_fraction": 0.5,
            "input_shape": "1x0x8", "label_names": "[1, 2]"}
     for name, value in bad.items():
         with pytest.raises(ConfigError):

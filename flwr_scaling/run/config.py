@@ -32,6 +32,7 @@ from flwr_scaling.core.models import IMAGE_MODELS, MODELS, input_problem
 from flwr_scaling.core.rules import MODES, RULES, get_rule
 from flwr_scaling.errors import ConfigError, DataError
 from flwr_scaling.methods import METHODS, get_method
+from flwr_scaling.strategies.robust import AGGREGATIONS
 
 INITS = ("warmup", "ones")
 # num-clients = "auto" (the Flower App's default): one client per node the federation
@@ -94,6 +95,10 @@ class RunConfig:
     client_eval_every: int = 0
     input_shape: str = ""
     label_names: str = ""
+    screen_factor: float = 10.0
+    max_num_examples: int = 0
+    aggregation: str = "mean"
+    trim_fraction: float = 0.2
 
     # ------------------------------------------------------------------ keys
     @staticmethod
@@ -248,6 +253,12 @@ class RunConfig:
                 f"({self.clients_per_round or self.num_clients}): no round could succeed"
             )
         _at_least("checkpoint-every", self.checkpoint_every, 0)
+        _range("screen-factor", self.screen_factor, 0.0, math.inf, high_open=True)
+        if 0 < self.screen_factor <= 1:
+            raise ConfigError(f"screen-factor must be 0 (off) or > 1 (the median reply itself must pass), got {self.screen_factor:g}")
+        _at_least("max-num-examples", self.max_num_examples, 0)
+        _choice("aggregation", self.aggregation, AGGREGATIONS)
+        _range("trim-fraction", self.trim_fraction, 0.0, 0.5, high_open=True)
         if "\0" in self.out:
             raise ConfigError(f"out must be a folder name without NUL characters, got {self.out!r}")
 

@@ -300,7 +300,7 @@ class ServerOptimizer(FedAvg):
         sent = self._sent_arrays
         accepted, averages = self.screen.accept_and_average(
             replies, stats_layout=None, parameter_layout=describe(sent) if sent is not None else {},
-            min_successful=self.min_successful_clients, order=self.sampler.reply_order,
+            min_successful=self.min_successful_clients, order=self.sampler.reply_order, reference=sent,
         )
         arrays, metrics = None, None
         if averages is not None:

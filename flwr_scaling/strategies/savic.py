@@ -341,7 +341,7 @@ class Savic(FedAvg):
         replies = self._decode(replies)
         accepted, averages = self.screen.accept_and_average(
             replies, stats_layout=self.stats_layout(), parameter_layout=self.model_layout(),
-            min_successful=self.min_successful_clients, order=self.sampler.reply_order,
+            min_successful=self.min_successful_clients, order=self.sampler.reply_order, reference=self._sent_arrays,
         )
         arrays, metrics = None, None
         if averages is not None:

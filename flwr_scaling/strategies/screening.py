@@ -1,6 +1,16 @@
-"""Checks on client replies before they may touch the global model or preconditioner, and their averages."""
+"""Checks on client replies before they may touch the global model or preconditioner, and their averages.
+
+Each reply is checked alone (``reply_problem``: layout, finite and possible
+values, finite metrics), then against the round's cohort (``ReplyScreen.
+screen_cohort``: claimed ``num-examples`` within its bound, model update and
+statistic norms within ``screen_factor`` times the round's median, see
+``flwr_scaling.strategies.robust``). The accepted replies are averaged by
+their weights, or with ``aggregation`` median / trimmed-mean.
+"""
 
 from __future__ import annotations
+
+import math
 
 from collections.abc import Callable, Mapping
 from logging import WARNING
@@ -13,6 +23,7 @@ from flwr_scaling.core.arrays import checked_weighted_average
 from flwr_scaling.core.rules import ScalingRule
 from flwr_scaling.protocol.flower_adapter import log
 from flwr_scaling.protocol.records import array_layout, array_view, record_views
+from flwr_scaling.strategies.robust import AGGREGATIONS, beyond_cohort, norm, robust_average
 
 Layout = Mapping[str, tuple[tuple[int, ...], str]]
 
@@ -114,6 +125,10 @@ def reply_problem(
     weight = metrics[0].get(weighted_by_key)
     if not isinstance(weight, int | float) or isinstance(weight, bool) or not np.isfinite(weight) or weight <= 0:
         return f"'{weighted_by_key}' is missing or not positive ({weight!r})"
+    for name, value in metrics[0].items():
+        # A NaN train_loss would otherwise reach the metric average and metrics.csv.
+        if any(isinstance(v, float) and not math.isfinite(v) for v in (value if isinstance(value, list) else [value])):
+            return f"metric '{name}' is not finite ({value!r})"
     if metric_keys is not None and set(metrics[0].keys()) != metric_keys:
         return f"metric names {sorted(metrics[0].keys())} differ from the round's {sorted(metric_keys)}"
     allowed = ({arrayrecord_key} if model_layout is not None else set()) | ({stats_key} if rule.has_state else set())
@@ -149,7 +164,7 @@ class RoundAverages(NamedTuple):
 
 
 class ReplyScreen:
-    """Screens a round's replies (``reply_problem``) and averages the accepted ones.
+    """Screens a round's replies (``reply_problem``, then ``screen_cohort``) and averages the accepted ones.
 
     Parameters
     ----------
@@ -162,6 +177,24 @@ class ReplyScreen:
         Key of the statistic (or state) ArrayRecord in replies.
     weighted_by_key : str (default: "num-examples")
         Metric whose value weights the averages.
+    screen_factor : float (default: 0.0)
+        A reply whose model update norm ``||x_m - x_p||`` or statistic norm is
+        more than this many times the round's median is rejected (only with
+        at least 3 replies, see ``robust.beyond_cohort``). 0: off, as the
+        strategies' own default screen has it; runs get the configuration's
+        ``screen-factor`` (10 by default, ``server_app.make_strategy``).
+    max_num_examples : int | None (default: None)
+        Largest ``weighted_by_key`` a reply may claim.
+    example_bounds : Mapping[int, int] | None (default: None)
+        Largest claim of each node id (its known partition size, in
+        simulation); it takes precedence over ``max_num_examples``. A node
+        with neither bound is held to ``screen_factor`` times the round's
+        median claim.
+    aggregation : str (default: "mean")
+        "mean" (weighted by the claims), "median" or "trimmed-mean" (element
+        wise, unweighted: ``robust.robust_average``), for models and statistics.
+    trim_fraction : float (default: 0.2)
+        Fraction of the replies cut from each end by "trimmed-mean".
     """
 
     def __init__(
@@ -171,23 +204,40 @@ class ReplyScreen:
         arrayrecord_key: str = "arrays",
         stats_key: str = "stats",
         weighted_by_key: str = "num-examples",
+        screen_factor: float = 0.0,
+        max_num_examples: int | None = None,
+        example_bounds: Mapping[int, int] | None = None,
+        aggregation: str = "mean",
+        trim_fraction: float = 0.2,
     ) -> None:
+        if aggregation not in AGGREGATIONS:
+            raise ValueError(f"aggregation must be one of {AGGREGATIONS}, got {aggregation!r}")
+        if not 0.0 <= trim_fraction < 0.5:
+            raise ValueError(f"trim_fraction must be in [0, 0.5), got {trim_fraction}")
+        if not screen_factor >= 0:
+            raise ValueError(f"screen_factor must be >= 0, got {screen_factor}")
         self.rule = rule
         self.arrayrecord_key = arrayrecord_key
         self.stats_key = stats_key
         self.weighted_by_key = weighted_by_key
+        self.screen_factor = screen_factor
+        self.max_num_examples = max_num_examples
+        self.example_bounds = dict(example_bounds or {})
+        self.aggregation = aggregation
+        self.trim_fraction = trim_fraction
 
     def weight(self, message: Message) -> float:
         """The reply's ``weighted_by_key`` metric (screened: present and positive)."""
         return float(split_records(message.content)[1][0][self.weighted_by_key])
 
     def screen(self, replies: list[Message], *, stats_layout: Layout | None, parameter_layout: Layout,
-               with_model: bool = True) -> list[Message]:
+               with_model: bool = True, reference: ArrayRecord | None = None) -> list[Message]:
         """The replies that may be aggregated; every rejection is logged with its node and reason."""
         accepted, rejections = self.screen_replies(
             replies, stats_layout=stats_layout, parameter_layout=parameter_layout, with_model=with_model
         )
-        log_rejections(rejections)
+        accepted, outliers = self.screen_cohort(accepted, reference=reference if with_model else None)
+        log_rejections(rejections + outliers)
         return accepted
 
     def screen_replies(
@@ -201,13 +251,14 @@ class ReplyScreen:
     ) -> tuple[list[Message], list[tuple[Message, str]]]:
         """``(accepted, [(rejected reply, reason), ...])`` in reply order, nothing logged.
 
-        ``parameter_layout`` is the layout of the model sent. Until the server
-        holds a state (``stats_layout`` is ``None``), the first accepted
-        statistic fixes the layout (and the first accepted reply the metric
-        names) for the rest. ``check_values=False`` leaves out the checks of
-        the values (NaN, Inf, sign), which the caller then makes on the
-        averages; a reply rejected for its layout gets the reason the full
-        check gives it.
+        Each reply alone (``reply_problem``); the cohort rules are
+        ``screen_cohort``'s. ``parameter_layout`` is the layout of the model
+        sent. Until the server holds a state (``stats_layout`` is ``None``),
+        the first accepted statistic fixes the layout (and the first accepted
+        reply the metric names) for the rest. ``check_values=False`` leaves out
+        the checks of the values (NaN, Inf, sign), which the caller then makes
+        on the averages; a reply rejected for its layout gets the reason the
+        full check gives it.
         """
         model_layout = parameter_layout if with_model else None
         metric_keys = None
@@ -235,13 +286,77 @@ class ReplyScreen:
                 stats_layout = describe(message.content[self.stats_key])
         return accepted, rejections
 
-    def average(self, accepted: list[Message]) -> RoundAverages:
-        """Weighted averages of the accepted replies' models and statistics, and whether all their values are good.
+    def example_bound(self, message: Message) -> tuple[float, str] | None:
+        """``(largest claim, what bounds it)`` for the reply's node, or ``None`` when only the cohort bounds it."""
+        node = message.metadata.src_node_id
+        if node in self.example_bounds:
+            return self.example_bounds[node], "its partition's size"
+        if self.max_num_examples:
+            return self.max_num_examples, "max-num-examples"
+        return None
 
-        Good: every average is finite (so every value was, see
-        ``checked_weighted_average``) and, for a rule whose statistics cannot
-        be negative, no reply's statistic has a negative entry.
+    def screen_cohort(
+        self, replies: list[Message], *, reference: ArrayRecord | None = None
+    ) -> tuple[list[Message], list[tuple[Message, str]]]:
+        """``(kept, [(rejected reply, reason), ...])``: the replies that ``reply_problem`` accepted, held
+        to their bounds and to the round's cohort.
+
+        In order: the claimed ``weighted_by_key`` against ``example_bound``
+        (or, for nodes without one, ``screen_factor`` times the median claim);
+        the model update norm ``||x_m - reference||`` (when ``reference``, the
+        model sent, is given); the statistic's norm. Each cohort rule takes the
+        median over the replies the previous rules kept.
         """
+        kept, rejections = [], []
+        for message in replies:
+            bound = self.example_bound(message)
+            claim = self.weight(message)
+            if bound is not None and claim > bound[0]:
+                rejections.append((message, f"'{self.weighted_by_key}' {claim:g} exceeds {bound[1]} ({bound[0]:g})"))
+            else:
+                kept.append(message)
+        unbounded = [m for m in kept if self.example_bound(m) is None]
+        self._drop_outliers(kept, unbounded, [self.weight(m) for m in unbounded], f"'{self.weighted_by_key}'", rejections)
+        if reference is not None:
+            sent = record_views(reference)
+            sizes = [norm(record_views(m.content[self.arrayrecord_key]), sent) for m in kept]
+            self._drop_outliers(kept, list(kept), sizes, "model update norm", rejections)
+        if self.rule.has_state:
+            sizes = [norm(record_views(m.content[self.stats_key])) for m in kept]
+            self._drop_outliers(kept, list(kept), sizes, f"{self.stats_key} norm", rejections)
+        return kept, rejections
+
+    def _drop_outliers(self, kept: list[Message], judged: list[Message], sizes: list[float], what: str,
+                       rejections: list[tuple[Message, str]]) -> None:
+        """Remove from ``kept`` (into ``rejections``) the ``judged`` replies whose size is beyond the cohort's bound."""
+        flags = beyond_cohort(sizes, self.screen_factor)
+        if not any(flags):
+            return
+        median = float(np.median([s for s in sizes if math.isfinite(s)]))
+        for message, size, flagged in zip(judged, sizes, flags):
+            if flagged:
+                kept.remove(message)
+                rejections.append(
+                    (message, f"{what} {size:.3g} is more than {self.screen_factor:g} x the round's median ({median:.3g})")
+                )
+
+    def average(self, accepted: list[Message]) -> RoundAverages:
+        """Averages of the accepted replies' models and statistics, and whether all their values are good.
+
+        Weighted means (``aggregation`` "mean"): good when every average is
+        finite (so every value was, see ``checked_weighted_average``) and, for
+        a rule whose statistics cannot be negative, no reply's statistic has a
+        negative entry. Median and trimmed mean: the replies' values must have
+        been checked before (``accept_and_average`` does); the result is good
+        when finite.
+        """
+        if self.aggregation != "mean":
+            model = robust_average([record_views(m.content[self.arrayrecord_key]) for m in accepted],
+                                   self.aggregation, self.trim_fraction)
+            stats = robust_average([record_views(m.content[self.stats_key]) for m in accepted],
+                                   self.aggregation, self.trim_fraction) if self.rule.has_state else None
+            clean = all(np.isfinite(v).all() for part in (model, stats or {}) for v in part.values())
+            return RoundAverages(model, stats, clean)
         weights = [self.weight(m) for m in accepted]
         # Views of the serialised bytes: nothing is copied but into the averages.
         models = checked_weighted_average([record_views(m.content[self.arrayrecord_key]) for m in accepted], weights)
@@ -260,25 +375,33 @@ class ReplyScreen:
         parameter_layout: Layout,
         min_successful: int,
         order: Callable[[Message], tuple],
+        reference: ArrayRecord | None = None,
     ) -> tuple[list[Message], RoundAverages | None]:
         """``(accepted replies sorted by order, their averages)``; averages ``None`` with fewer than ``min_successful``.
 
-        Screens the layouts only, then checks the values of all accepted
-        replies at once on their averages (no pass over each reply's data just
-        for the checks). Only when that finds a bad value, screens again reply
-        by reply with every check, which names the culprits and leaves them out.
+        ``reference`` is the model sent this round (for the update norms).
+        With weighted means, screens the layouts only, then checks the values
+        of all accepted replies at once on their averages (no pass over each
+        reply's data just for the checks). Only when that finds a bad value or
+        an outlier, screens again reply by reply with every check, which names
+        the culprits and leaves them out. Median and trimmed mean would hide a bad
+        value, so with them every reply is checked first.
         """
         layouts = dict(stats_layout=stats_layout, parameter_layout=parameter_layout)
-        accepted, rejections = self.screen_replies(replies, check_values=False, **layouts)
-        # A fixed order of summation makes the float averages identical from run to run.
-        accepted.sort(key=order)
-        enough = len(accepted) >= max(1, min_successful)
-        averages = self.average(accepted) if enough else None
-        if averages is not None and averages.clean:
-            log_rejections(rejections)
-            return accepted, averages
-        # a bad value somewhere, or too few replies to tell: as many as each full check leaves
-        accepted = sorted(self.screen(replies, **layouts), key=order)
+        if self.aggregation == "mean":
+            accepted, rejections = self.screen_replies(replies, check_values=False, **layouts)
+            accepted, outliers = self.screen_cohort(accepted, reference=reference)
+            # A fixed order of summation makes the float averages identical from run to run.
+            accepted.sort(key=order)
+            enough = len(accepted) >= max(1, min_successful)
+            averages = self.average(accepted) if enough and not outliers else None
+            # An outlier may hold a bad value too: the full check below names that first.
+            if averages is not None and averages.clean:
+                log_rejections(rejections + outliers)
+                return accepted, averages
+        # a bad value or an outlier somewhere, too few replies to tell, or a robust average: as many as each
+        # full check leaves
+        accepted = sorted(self.screen(replies, reference=reference, **layouts), key=order)
         enough = len(accepted) >= max(1, min_successful)
         return accepted, self.average(accepted) if enough else None
 
