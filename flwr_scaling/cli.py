@@ -12,6 +12,7 @@ from pathlib import Path
 
 from flwr_scaling.run.config import ConfigError, RunConfig, check_output_folder, load_toml
 from flwr_scaling.run.outdir import claim_output
+from flwr_scaling.run.ray_cluster import ADDRESS_HELP, attach, check_address
 from flwr_scaling.cli_help import compare_labels_help, option_help, option_metavars
 from flwr_scaling.methods import DEFAULT_COMPARE, METHODS, parse_label
 
@@ -98,6 +99,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_run_options(run)
     run.add_argument("--verbose", action="store_true", help="show Flower's and Ray's logs")
     _add_backend(run)
+    run.add_argument("--ray-address", metavar="ADDR", help=f"with --backend simulation: the {ADDRESS_HELP}")
     compare = sub.add_parser("compare", help="run several configurations on the same partition and seed",
                              allow_abbrev=False)
     compare.add_argument("--configs", metavar="LABEL,...", default=",".join(DEFAULT_COMPARE),
@@ -114,12 +116,22 @@ def build_parser() -> argparse.ArgumentParser:
     sweep.add_argument("file", help="sweep file: [base] options and [grid] lists (see README, Sweeps)")
     sweep.add_argument("--out", help="output folder. Default: the file's 'out', else runs/<file stem>")
     sweep.add_argument("--dry-run", action="store_true", help="check the file and list the runs; run nothing")
+    sweep.add_argument("--overwrite", action="store_true",
+                       help="run again the runs that finished with another configuration than the file's "
+                            "(without it the sweep is refused; finished runs of the same configuration are always kept)")
     _add_backend(sweep, default=None)
+    sweep.add_argument("--workers", metavar="N", help="run N runs at a time as Ray tasks (each in-process). "
+                       "Default: the file's workers, else one after another in this process")
+    sweep.add_argument("--cpus-per-run", metavar="C", help="Ray CPUs per run with --workers. Default: the file's, else 1")
+    sweep.add_argument("--gpus-per-run", metavar="F", help="Ray GPUs per run with --workers (fractions share a GPU). "
+                       "Default: the file's, else 0")
+    sweep.add_argument("--ray-address", metavar="ADDR", help=f"run the sweep's runs on the {ADDRESS_HELP}")
     deploy = sub.add_parser("deploy-local", help="run on a real SuperLink and N real SuperNodes on this machine",
                             allow_abbrev=False)
     deploy.add_argument("--nodes", default="2", help="number of SuperNodes (each one client). Default: 2")
     deploy.add_argument("--insecure", action="store_true",
                         help="no TLS and no node authentication (default: TLS with a fresh CA, registered node keys)")
+    deploy.add_argument("--overwrite", action="store_true", help=OVERWRITE_HELP)
     deploy.add_argument("--workdir", help="folder for certificates, keys, logs and Flower's home. Default: OUT/deploy")
     deploy.add_argument("--config", help="TOML file of run options; command-line options override it")
     _add_run_options(deploy, skip={"num_clients"})
@@ -161,6 +173,12 @@ def _run(args: argparse.Namespace) -> None:
     from flwr_scaling.run.inprocess import runner_for
     from flwr_scaling.run.simulation import preflight
 
+    if args.ray_address is not None and args.backend != "simulation":
+        raise ConfigError("--ray-address needs --backend simulation (in-process runs do not use Ray)")
+    if args.ray_address is not None:
+        check_address(args.ray_address)
+    if args.overwrite and args.resume:
+        raise ConfigError("--overwrite and --resume exclude each other: a resumed run keeps its folder's results")
     checkpoint = None
     if args.resume:
         cfg, checkpoint = _resumed_config(args)
@@ -171,12 +189,12 @@ def _run(args: argparse.Namespace) -> None:
     else:
         cfg = RunConfig.from_mapping(_given(args)).resolved()
     check_output_folder(cfg.out)
-    if args.overwrite and checkpoint is not None:
-        raise ConfigError("--overwrite and --resume exclude each other: a resumed run keeps its folder's results")
     # The folder is locked and checked before the preflight, so a busy folder fails at once.
     with claim_output(cfg.out, overwrite=args.overwrite, resume=checkpoint is not None):
         preflight(cfg)
         start = time.perf_counter()
+        if args.ray_address:  # Flower's Ray backend skips ray.init when Ray is initialised: it runs on the cluster
+            attach(args.ray_address, verbose=args.verbose)
         rows = runner_for(args.backend)(cfg, verbose=args.verbose, resume=checkpoint)
     print(f"done in {time.perf_counter() - start:.1f} s: final test accuracy {rows[-1]['test_accuracy']:.3f}; "
           f"results in {cfg.out}/ (config.json, metrics.csv)")
@@ -231,7 +249,9 @@ def _sweep(args: argparse.Namespace) -> None:
         for index, run in enumerate(plan.runs, start=1):
             print(f"[{index}/{len(plan.runs)}] {run.name}")
         return
-    out = run_sweep(args.file, args.out, backend=args.backend)
+    parallel = {"workers": args.workers, "cpus-per-run": args.cpus_per_run, "gpus-per-run": args.gpus_per_run,
+                "ray-address": args.ray_address}
+    out = run_sweep(args.file, args.out, backend=args.backend, overwrite=args.overwrite, parallel=parallel)
     print(f"sweep done; summary in {out}/summary.md, plots in {out}/")
 
 
@@ -256,7 +276,8 @@ def _deploy_local(args: argparse.Namespace) -> None:
     cfg = RunConfig.from_mapping({**_given(args, skip={"num_clients"}), "num-clients": nodes}).resolved()
     check_output_folder(cfg.out)
     workdir = Path(args.workdir) if args.workdir else Path(cfg.out) / "deploy"
-    out = deploy_local(cfg, nodes, workdir, secure=not args.insecure)
+    with claim_output(cfg.out, overwrite=args.overwrite):  # the ServerApp writes the results into cfg.out
+        out = deploy_local(cfg, nodes, workdir, secure=not args.insecure)
     print(f"deployment run done; results in {out}/ (config.json, metrics.csv); logs in {workdir}/")
 
 

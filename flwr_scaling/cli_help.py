@@ -125,9 +125,9 @@ def _computed_defaults() -> dict[str, str]:
         "server_lr": _per_item({name: m.server_lr for name, m in METHODS.items()}),
         "clients_per_round": "all",
         "model": "cnn for image data (digits, idx:), logreg otherwise",
-        "test_path": "20% of the data, stratified",
         "input_shape": "the data's own shape",
         "label_names": "the data's text labels, sorted",
+        "test_path": "20% of the data, stratified",
         "out": "runs/<label>",
     }
 

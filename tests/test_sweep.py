@@ -324,7 +324,10 @@ def test_a_changed_configuration_reruns_and_a_runner_that_stops_early_fails(tmp_
     run(path, out, FakeRunner())
     path.write_text(SWEEP.replace("rounds = 4", "rounds = 5"))
     runner = FakeRunner()
-    run(path, out, runner)
+    with pytest.raises(ConfigError, match=rf"run {re.escape(NAMES[0])} and 5 more finished with another configuration"):
+        run(path, out, runner)  # finished runs are not replaced unless asked
+    assert runner.calls == []
+    run(path, out, runner, overwrite=True)
     assert runner.calls == NAMES  # DONE records the configuration: 4 rounds are not 5
 
     def short(cfg, resume=None):

@@ -17,9 +17,8 @@ from flwr_scaling.run.checkpoint import Checkpoint
 from flwr_scaling.run.config import RunConfig, check_data_fits
 from flwr_scaling.data.federated import load_federated_data
 from flwr_scaling.data.partition_plot import plot_partitions
+from flwr_scaling.run.outdir import check_run_folder
 from flwr_scaling.run.recorder import read_metrics
-
-OUTPUT_FILES = ("config.json", "metrics.csv", "checkpoint.npz", "partitions.png")
 
 # Flower's simulation runtime moves messages by polling, 0.1 s on each side: a
 # thread looks for new messages every 0.1 s, asking the LinkState once per node
@@ -172,13 +171,11 @@ def preflight(cfg: RunConfig) -> None:
 
 
 def prepare_output(cfg: RunConfig, resume: Checkpoint | None) -> None:
-    """Preflight ``cfg``, then make ``cfg.out`` ready: a previous run's files removed
-    (kept when resuming) and the partition heatmap written."""
+    """Preflight ``cfg``, then make ``cfg.out`` ready: another run's results refused
+    unless the caller claimed the folder (``run.outdir``), the partition heatmap written."""
     preflight(cfg)
     out = Path(cfg.out)
-    if resume is None:
-        for name in OUTPUT_FILES:
-            (out / name).unlink(missing_ok=True)
+    check_run_folder(out, resume=resume is not None)  # nothing of another run is deleted or overwritten
     out.mkdir(parents=True, exist_ok=True)
     plot_partitions(cfg.partition_spec(), out / "partitions.png")  # who holds which labels
 

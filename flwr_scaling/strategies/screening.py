@@ -6,6 +6,10 @@ screen_cohort``: claimed ``num-examples`` within its bound, model update and
 statistic norms within ``screen_factor`` times the round's median, see
 ``flwr_scaling.strategies.robust``). The accepted replies are averaged by
 their weights, or with ``aggregation`` median / trimmed-mean.
+
+Long because the single-reply checks, the cohort checks and the checked fast
+average share one pass over the replies (the fast path re-checks a reply only when
+its average is not finite); the robust rules themselves live in ``robust.py``.
 """
 
 from __future__ import annotations

@@ -22,26 +22,16 @@ from typing import Any, TextIO
 
 from flwr_scaling.run.config import ConfigError
 from flwr_scaling.run.inprocess import BACKENDS, runner_for
+from flwr_scaling.run.outdir import claim_output
 from flwr_scaling.run.recorder import write_atomic
+from flwr_scaling.studies.parallel import clock_text, run_parallel
 from flwr_scaling.studies.plan import first_line, load_sweep
 from flwr_scaling.studies.report import write_sweep_report
 from flwr_scaling.studies.state import (
-    DONE, LOG, SWEEP_JSON, clear_run_folder, completed_rows, is_finished, mark_done, resumable_checkpoint,
+    DONE, LOG, SWEEP_JSON, clear_run_folder, same_config, completed_rows, is_finished, mark_done, resumable_checkpoint,
 )
 
 Runner = Callable[..., Any]  # runner(config, resume=None) runs one resolved configuration into config.out
-
-
-def _clock(seconds: float) -> str:
-    """A duration for progress lines: ``42s``, ``3m05s``, ``1h02m03s``."""
-    seconds = int(round(seconds))
-    hours, rest = divmod(seconds, 3600)
-    minutes, secs = divmod(rest, 60)
-    if hours:
-        return f"{hours}h{minutes:02d}m{secs:02d}s"
-    if minutes:
-        return f"{minutes}m{secs:02d}s"
-    return f"{secs}s"
 
 
 def run_sweep(
@@ -51,6 +41,8 @@ def run_sweep(
     runner: Runner | None = None,
     backend: str | None = None,
     stream: TextIO | None = None,
+    overwrite: bool = False,
+    parallel: dict[str, Any] | None = None,
 ) -> Path:
     """Run every unfinished run of the sweep file ``path``, then write the report; return the sweep folder.
 
@@ -61,15 +53,32 @@ def run_sweep(
     to continue from a checkpoint of the same configuration. Its stdout and
     stderr go to ``OUT/runs/<name>/log.txt``; ``stream`` (default: sys.stdout)
     gets one line per run. KeyboardInterrupt and the runner's errors stop the
-    sweep (re-raised); run it again to continue.
+    sweep (re-raised); run it again to continue. The folder is locked for the
+    sweep (a second sweep on it fails at once); a run folder that holds a
+    finished run of another configuration is refused unless ``overwrite``.
+    ``parallel`` (or the file's ``workers``/``ray-address``) runs the runs as Ray
+    tasks instead (``parallel.py``): a failing run is then recorded, the others
+    go on, and the sweep ends with RuntimeError naming the failed runs.
     """
     stream = stream if stream is not None else sys.stdout
-    sweep = load_sweep(path, out)
+    sweep = load_sweep(path, out, parallel)
     if backend is not None:
         if backend not in BACKENDS:
             raise ConfigError(f"backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
         sweep = replace(sweep, backend=backend)
     runner = runner or runner_for(sweep.backend)
+    # Only the lock: the sweep's own files are judged run by run (finished ones are kept).
+    with claim_output(sweep.out, what="sweep", results=(), outputs=()):
+        return _run_claimed(sweep, runner, stream, overwrite)
+
+
+def _run_claimed(sweep, runner: Runner, stream: TextIO, overwrite: bool) -> Path:
+    """``run_sweep`` once the sweep folder is locked."""
+    replaced = [run.name for run in sweep.runs if _finished_otherwise(Path(run.config.out), run.config.to_flower())]
+    if replaced and not overwrite:  # a finished run is never rerun over its results unless asked
+        more = f" and {len(replaced) - 1} more" if len(replaced) > 1 else ""
+        raise ConfigError(f"sweep folder {sweep.out}: run {replaced[0]}{more} finished with another configuration "
+                          f"than the sweep file's; choose another out, or pass --overwrite to run them again")
     sweep.out.mkdir(parents=True, exist_ok=True)
     write_atomic(sweep.out / SWEEP_JSON, json.dumps(sweep.to_json(), indent=2) + "\n")
 
@@ -80,9 +89,12 @@ def run_sweep(
     def say(text: str, end: str = "\n") -> None:
         print(text, end=end, file=stream, flush=True)
 
-    say(f"sweep {sweep.source}: {total} runs ({sweep.backend}), {total - pending} finished already, {pending} to run; "
+    how = sweep.backend if sweep.parallel is None else "inprocess in Ray tasks"
+    say(f"sweep {sweep.source}: {total} runs ({how}), {total - pending} finished already, {pending} to run; "
         f"results in {sweep.out}/")
     start = time.perf_counter()
+    if sweep.parallel is not None:
+        return _run_in_parallel(sweep, finished, say, start)
     durations: list[float] = []
     for index, (run, done) in enumerate(zip(sweep.runs, finished), start=1):
         prefix = f"[{index}/{total}] {run.name}"
@@ -100,7 +112,7 @@ def run_sweep(
             say(f"{prefix} (resuming after round {checkpoint.round} of {run.config.rounds}) ...", end="")
         began = time.perf_counter()
         try:
-            with open(folder / LOG, "a" if checkpoint else "w", encoding="utf-8") as log, _output_to(log):
+            with open(folder / LOG, "a" if checkpoint else "w", encoding="utf-8") as log, output_to(log):
                 if checkpoint is None:
                     runner(run.config)
                 else:
@@ -121,17 +133,53 @@ def run_sweep(
         finished[index - 1] = True
         durations.append(seconds)
         left = statistics.fmean(durations) * finished.count(False)
-        say(f" done in {seconds:.1f} s | elapsed {_clock(time.perf_counter() - start)} | ETA {_clock(left)}")
+        say(f" done in {seconds:.1f} s | elapsed {clock_text(time.perf_counter() - start)} | ETA {clock_text(left)}")
 
     write_sweep_report(sweep.out)
     ran = len(durations)
     say(f"sweep finished: {total} runs ({ran} run now, {total - ran} finished before) in "
-        f"{_clock(time.perf_counter() - start)}; report in {sweep.out}/summary.md, results.csv and *.png")
+        f"{clock_text(time.perf_counter() - start)}; report in {sweep.out}/summary.md, results.csv and *.png")
     return sweep.out
 
 
+def _run_in_parallel(sweep, finished: list[bool], say: Callable[[str], None], start: float) -> Path:
+    """The unfinished runs as Ray tasks (``parallel.py``), each folder prepared as the serial loop does."""
+    jobs = []
+    for index, (run, done) in enumerate(zip(sweep.runs, finished), start=1):
+        if done:
+            say(f"[{index}/{len(finished)}] {run.name} ... finished already, skipped")
+            continue
+        folder = Path(run.config.out)
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / DONE).unlink(missing_ok=True)
+        checkpoint = resumable_checkpoint(folder, run.config.to_flower())
+        if checkpoint is None:
+            clear_run_folder(folder)
+        jobs.append((run, checkpoint))
+    ran, failed, _ = run_parallel(jobs, sweep.parallel, len(finished), sum(finished), say)
+    if ran or any(finished):
+        write_sweep_report(sweep.out)
+    total = len(finished)
+    say(f"sweep finished: {total - len(failed)} of {total} runs ({ran} run now) in "
+        f"{clock_text(time.perf_counter() - start)}; report in {sweep.out}/summary.md, results.csv and *.png")
+    if failed:
+        more = f" and {len(failed) - 1} more" if len(failed) > 1 else ""
+        raise RuntimeError(f"{len(failed)} of {total} runs failed: {failed[0]}{more}; their output is in "
+                           f"{sweep.out}/runs/<name>/{LOG}; run the same sweep again to retry them")
+    return sweep.out
+
+
+def _finished_otherwise(folder: Path, config: dict[str, Any]) -> bool:
+    """``folder`` has a DONE marker of another configuration: a finished run the sweep file no longer describes."""
+    try:
+        done = json.loads((folder / DONE).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    return isinstance(done, dict) and not same_config(done.get("config", {}), config)
+
+
 @contextlib.contextmanager
-def _output_to(log: TextIO):
+def output_to(log: TextIO):
     """Send what a run prints (stdout, stderr, and log handlers writing to them: Flower's, Ray's) to ``log``."""
     terminals = {id(s) for s in (sys.stdout, sys.stderr, sys.__stdout__, sys.__stderr__) if s is not None}
     stderr = sys.stderr
@@ -158,4 +206,4 @@ def _output_to(log: TextIO):
                 handler.setStream(stderr)
 
 
-__all__ = ["Runner", "run_sweep"]
+__all__ = ["Runner", "output_to", "run_sweep"]
