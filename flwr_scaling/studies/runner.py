@@ -102,11 +102,8 @@ def _run_claimed(sweep, runner: Runner, stream: TextIO, overwrite: bool) -> Path
             say(f"{prefix} ... finished already, skipped")
             continue
         folder = Path(run.config.out)
-        folder.mkdir(parents=True, exist_ok=True)
-        (folder / DONE).unlink(missing_ok=True)
-        checkpoint = resumable_checkpoint(folder, run.config.to_flower())
+        checkpoint = prepare_run_folder(run)
         if checkpoint is None:
-            clear_run_folder(folder)
             say(f"{prefix} ...", end="")
         else:
             say(f"{prefix} (resuming after round {checkpoint.round} of {run.config.rounds}) ...", end="")
@@ -142,6 +139,18 @@ def _run_claimed(sweep, runner: Runner, stream: TextIO, overwrite: bool) -> Path
     return sweep.out
 
 
+def prepare_run_folder(run):
+    """Make the run's folder ready to (re)start: no DONE marker, and either the checkpoint to resume
+    from or an emptied folder (the one place serial and parallel sweeps decide this)."""
+    folder = Path(run.config.out)
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / DONE).unlink(missing_ok=True)
+    checkpoint = resumable_checkpoint(folder, run.config.to_flower())
+    if checkpoint is None:
+        clear_run_folder(folder)
+    return checkpoint
+
+
 def _run_in_parallel(sweep, finished: list[bool], say: Callable[[str], None], start: float) -> Path:
     """The unfinished runs as Ray tasks (``parallel.py``), each folder prepared as the serial loop does."""
     jobs = []
@@ -149,13 +158,7 @@ def _run_in_parallel(sweep, finished: list[bool], say: Callable[[str], None], st
         if done:
             say(f"[{index}/{len(finished)}] {run.name} ... finished already, skipped")
             continue
-        folder = Path(run.config.out)
-        folder.mkdir(parents=True, exist_ok=True)
-        (folder / DONE).unlink(missing_ok=True)
-        checkpoint = resumable_checkpoint(folder, run.config.to_flower())
-        if checkpoint is None:
-            clear_run_folder(folder)
-        jobs.append((run, checkpoint))
+        jobs.append((run, prepare_run_folder(run)))
     ran, failed, _ = run_parallel(jobs, sweep.parallel, len(finished), sum(finished), say)
     if ran or any(finished):
         write_sweep_report(sweep.out)
