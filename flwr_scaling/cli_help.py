@@ -37,6 +37,8 @@ DESCRIPTIONS = {
     "momentum": "heavy-ball momentum on g/D̂, in [0, 1) (the paper has none)",
     "lr": "client step size γ (see README, Defaults)",
     "server_lr": "server step size η (1 = FedAvg)",
+    "server_momentum": "server heavy ball μ on the averaged model change: m ← μ m + (mean x_m − x), x ← x + η m, "
+                       "in [0, 1) (not for fedadam, fedyogi, fedadagrad)",
     "server_tau": "τ, the adaptivity of the server optimizers (fedadam, fedyogi, fedadagrad)",
     "proximal_mu": "μ of fedprox's proximal term μ/2 ||x - x_round||²",
     "partitioner": "dirichlet (by --dirichlet-alpha), iid, or shard (--shard-classes labels per client)",

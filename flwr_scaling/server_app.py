@@ -79,7 +79,7 @@ def make_strategy(cfg: RunConfig, example_bounds: Mapping[int, int] | None = Non
         precond_dtype=cfg.precond_dtype,
         precond_every=cfg.precond_every,
     )
-    return Savic(server_lr=cfg.server_lr, **scaling, **common)
+    return Savic(server_lr=cfg.server_lr, server_momentum=cfg.server_momentum, **scaling, **common)
 
 
 def partition_sizes(cfg: RunConfig, node_order: Mapping[int, int]) -> dict[int, int]:
@@ -177,6 +177,8 @@ def run_server(grid: Grid, config: RunConfig, resume: Checkpoint | None = None, 
         runtime.update(precond_state=resume.precond_state, sampler_state=resume.sampler_state, round_offset=done)
         if resume.broadcast_version is not None:
             runtime["last_broadcast"] = (resume.broadcast_version, resume.broadcast_state)
+        if resume.server_velocity is not None:  # only Savic takes it (server-momentum > 0)
+            runtime["server_velocity"] = resume.server_velocity
         recorder.restore(resume.rows)
     bounds = partition_sizes(cfg, runtime["node_order"]) if known_partitions else None
     strategy = make_strategy(cfg, example_bounds=bounds, **runtime)
@@ -200,7 +202,8 @@ def run_server(grid: Grid, config: RunConfig, resume: Checkpoint | None = None, 
                     cfg.out,
                     Checkpoint(true_round, flower_config, current, strategy.precond_state,
                                strategy.sampler_state, recorder.rows,
-                               broadcast_version=sent[0] if sent else None, broadcast_state=sent[1] if sent else None),
+                               broadcast_version=sent[0] if sent else None, broadcast_state=sent[1] if sent else None,
+                               server_velocity=getattr(strategy, "server_velocity", None)),
                 )
         return MetricRecord({"test_loss": test_loss, "test_accuracy": test_accuracy})
 

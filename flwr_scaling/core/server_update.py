@@ -66,3 +66,30 @@ def next_model(
         k: (current[k] + server_lr * (average[k].astype(np.float64) - current[k])).astype(current[k].dtype)
         for k in average
     }
+
+
+def next_model_with_momentum(
+    current: Mapping[str, np.ndarray],
+    average: Mapping[str, np.ndarray],
+    server_lr: float,
+    momentum: float,
+    velocity: Mapping[str, np.ndarray] | None,
+) -> tuple[NumpyArrays, NumpyArrays | None]:
+    """Server heavy ball on the averaged model change: ``m ← μ m + (Σ w_m x_m − x)``, ``x ← x + η m``.
+
+    ``velocity`` is ``m`` before the round (``None``: zeros, the first round).
+    Returns the new model and the new ``m``. ``momentum`` μ = 0 is exactly
+    ``next_model`` (and keeps no ``m``: ``None``), so runs without server
+    momentum are unchanged bit for bit. ``m`` is kept in float64 (the update
+    is a small difference of float32 models); the model keeps its dtype.
+    """
+    if momentum == 0.0:
+        return next_model(current, average, server_lr), None
+    new_velocity = {}
+    model = {}
+    for key in average:
+        change = average[key].astype(np.float64) - current[key]
+        previous = velocity[key] if velocity is not None else 0.0
+        new_velocity[key] = momentum * previous + change
+        model[key] = (current[key] + server_lr * new_velocity[key]).astype(current[key].dtype)
+    return model, new_velocity

@@ -32,6 +32,8 @@ class Checkpoint:
     # The last preconditioner state sent to clients and its version (round), with precond-every > 1.
     broadcast_version: int | None = None
     broadcast_state: dict[str, np.ndarray] | None = None
+    # The server heavy ball's m (server-momentum > 0), float64; None without server momentum.
+    server_velocity: dict[str, np.ndarray] | None = None
 
 
 def _to_json_state(state: Any) -> Any:
@@ -53,10 +55,12 @@ def save_checkpoint(out_dir: str | Path, checkpoint: Checkpoint) -> Path:
         "rows": checkpoint.rows,
         "has_precond": checkpoint.precond_state is not None,
         "broadcast_version": checkpoint.broadcast_version,
+        "has_server_velocity": checkpoint.server_velocity is not None,
     }
     arrays = {f"model/{k}": v for k, v in checkpoint.model.items()}
     arrays.update({f"precond/{k}": v for k, v in (checkpoint.precond_state or {}).items()})
     arrays.update({f"broadcast/{k}": v for k, v in (checkpoint.broadcast_state or {}).items()})
+    arrays.update({f"server_velocity/{k}": v for k, v in (checkpoint.server_velocity or {}).items()})
     final = out / CHECKPOINT
     with atomic_file(final, fsync=True) as handle:  # fsync: a checkpoint must survive a crash of the machine
         np.savez(handle, meta=np.array(json.dumps(meta)), **arrays)
@@ -73,6 +77,7 @@ def load_checkpoint(out_dir: str | Path) -> Checkpoint:
             model = {k.split("/", 1)[1]: data[k] for k in data.files if k.startswith("model/")}
             precond = {k.split("/", 1)[1]: data[k] for k in data.files if k.startswith("precond/")}
             broadcast = {k.split("/", 1)[1]: data[k] for k in data.files if k.startswith("broadcast/")}
+            velocity = {k.split("/", 1)[1]: data[k] for k in data.files if k.startswith("server_velocity/")}
     except (OSError, ValueError, KeyError) as error:
         raise ValueError(f"checkpoint {path} is unreadable: {error}") from None
     return Checkpoint(
@@ -84,4 +89,5 @@ def load_checkpoint(out_dir: str | Path) -> Checkpoint:
         rows=meta["rows"],
         broadcast_version=meta.get("broadcast_version"),
         broadcast_state=broadcast if meta.get("broadcast_version") is not None else None,
+        server_velocity=velocity if meta.get("has_server_velocity") else None,
     )

@@ -76,6 +76,7 @@ class RunConfig:
     lr: float | None = None
     server_lr: float | None = None
     server_tau: float = 1e-3
+    server_momentum: float = 0.0  # server heavy ball on the averaged model change (savic, fedavg, fedprox, local-adam)
     proximal_mu: float = 0.01
     local_epochs: int = 1
     batch_size: int = 32
@@ -224,6 +225,10 @@ class RunConfig:
         _positive("lr", self.lr)
         _positive("server-lr", self.server_lr)
         _positive("server-tau", self.server_tau)
+        _range("server-momentum", self.server_momentum, 0.0, 1.0, high_open=True)
+        if self.server_momentum and get_method(self.strategy).server_optimizer is not None:
+            raise ConfigError(f"server-momentum is for methods that average on the server; {self.strategy} has its "
+                              f"own server optimizer (its moments): remove server-momentum or use savic/fedavg")
         _range("proximal-mu", self.proximal_mu, 0.0, math.inf, high_open=True)
         _choice("partitioner", self.partitioner, partitioner_names())
         _at_least("shard-classes", self.shard_classes, 1)

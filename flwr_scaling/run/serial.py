@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from flwr_scaling.core.server_update import next_model, next_state, warmup_state
+from flwr_scaling.core.server_update import next_model_with_momentum, next_state, warmup_state
 from flwr_scaling.core.arrays import numpy_to_torch, torch_to_numpy, weighted_average
 from flwr_scaling.protocol.wire import decode, encode
 from flwr_scaling.clients.logic import client_partition, local_round, local_statistic
@@ -65,6 +65,7 @@ def run_serial(config: RunConfig, exclude: frozenset[int] = frozenset()) -> tupl
     state = None
     sent = None  # the state as the clients hold it: of the last refresh round, through the encoding
     server_step = None
+    velocity = None  # the server heavy ball's m (server-momentum > 0)
     optimizer = get_method(cfg.strategy).server_optimizer
     if optimizer is not None:  # Flower's own FedAdam / FedYogi / FedAdagrad update
         from flwr_scaling.strategies.fedopt import FlowerServerStep
@@ -88,7 +89,8 @@ def run_serial(config: RunConfig, exclude: frozenset[int] = frozenset()) -> tupl
         if server_step is not None:
             global_arrays = server_step.step(server_round, global_arrays, average)
         else:
-            global_arrays = next_model(global_arrays, average, cfg.server_lr)
+            global_arrays, velocity = next_model_with_momentum(global_arrays, average, cfg.server_lr,
+                                                               cfg.server_momentum, velocity)
         if rule.has_state:
             payloads = [over_the_wire(r.payload, cfg.precond_dtype) for r in replies]
             state = next_state(rule, cfg.precond_mode, state, payloads, weights, cfg.precond_beta)

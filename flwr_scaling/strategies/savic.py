@@ -25,7 +25,7 @@ from flwr.serverapp.strategy import FedAvg
 
 from flwr_scaling.core.local_sgd import MODES
 from flwr_scaling.core.rules import diagonal_bounds, get_rule
-from flwr_scaling.core.server_update import next_model, state_from_average, warmup_state
+from flwr_scaling.core.server_update import next_model_with_momentum, state_from_average, warmup_state
 from flwr_scaling.protocol.decoding import decode_replies
 from flwr_scaling.protocol.flower_adapter import construct_messages, log, log_train_replies
 from flwr_scaling.protocol.records import numpy_to_record, record_views
@@ -98,6 +98,12 @@ class Savic(FedAvg):
         ``precond-every`` when it has one, else 1.
     server_lr : float (default: 1.0)
         Server step size η: x ← x + η (mean(x_m) − x). 1.0 is FedAvg.
+    server_momentum : float (default: 0.0)
+        Server heavy ball μ on the averaged model change:
+        m ← μ m + (mean(x_m) − x), x ← x + η m (``server_update.next_model_with_momentum``).
+        0 is no momentum (the plain step above, bit for bit).
+    server_velocity : dict[str, np.ndarray] | None (default: None)
+        The server momentum m to start from (a resumed run, see ``server_velocity``); ``None``: zeros.
     min_successful_clients : int (default: 1)
         A round with fewer accepted replies leaves the model and the
         preconditioner unchanged and is recorded as failed.
@@ -175,6 +181,8 @@ class Savic(FedAvg):
         precond_dtype: str | None = None,
         precond_every: int | None = None,
         server_lr: float = 1.0,
+        server_momentum: float = 0.0,
+        server_velocity: dict[str, np.ndarray] | None = None,
         min_successful_clients: int = 1,
         sampling_seed: int | None = None,
         client_eval_every: int = 0,
@@ -223,6 +231,8 @@ class Savic(FedAvg):
             raise ValueError(f"precond_alpha must be > 0, got {precond_alpha}")
         if not server_lr > 0:
             raise ValueError(f"server_lr must be > 0, got {server_lr}")
+        if not 0.0 <= server_momentum < 1.0:
+            raise ValueError(f"server_momentum must be in [0, 1), got {server_momentum}")
         self.client_settings = ClientSettings(
             precond=self.rule.name, precond_mode=precond_mode, precond_alpha=precond_alpha,
             precond_beta=precond_beta, adam_beta1=adam_beta1, precond_probes=precond_probes, lr=lr,
@@ -232,6 +242,8 @@ class Savic(FedAvg):
         self.precond_alpha = precond_alpha
         self.precond_init = precond_init
         self.server_lr = server_lr
+        self.server_momentum = server_momentum
+        self.server_velocity = server_velocity  # m of the server heavy ball; None until the first step with μ > 0
         self.min_successful_clients = min_successful_clients
         self.client_eval_every = client_eval_every
         self.precond_key = precond_key
@@ -286,7 +298,7 @@ class Savic(FedAvg):
         log(INFO, "\t├──> Scaling (SAVIC):")
         log(INFO, "\t│\t├──Rule: %s | mode: %s | init: %s", self.rule.name, self.precond_mode, self.precond_init)
         log(INFO, "\t│\t├──beta: %g | alpha (D̂ >= alpha): %g", self.precond_beta, self.precond_alpha)
-        log(INFO, "\t│\t├──Server step size: %g", self.server_lr)
+        log(INFO, "\t│\t├──Server step size: %g | server momentum: %g", self.server_lr, self.server_momentum)
         log(
             INFO, "\t│\t├──State on the wire: %s, sent every %s round(s)",
             self.precond_dtype or "as the train config says", self.precond_every or "as the train config says",
@@ -352,8 +364,11 @@ class Savic(FedAvg):
             # (one model ArrayRecord with the same keys and one MetricRecord with the same names everywhere).
             log_train_replies(self, accepted)
             average = averages.model
-            if self.server_lr != 1.0 and self._sent_arrays is not None:
-                average = next_model(record_views(self._sent_arrays), average, self.server_lr)
+            if (self.server_lr != 1.0 or self.server_momentum) and self._sent_arrays is not None:
+                average, self.server_velocity = next_model_with_momentum(
+                    record_views(self._sent_arrays), average, self.server_lr, self.server_momentum,
+                    self.server_velocity,
+                )
             arrays = numpy_to_record(average)
             metrics = self.train_metrics_aggr_fn([m.content for m in accepted], self.weighted_by_key)
             if averages.stats is not None:
