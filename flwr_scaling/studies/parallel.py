@@ -211,7 +211,8 @@ def run_parallel(jobs: list[tuple[SweepRun, Checkpoint | None]], options: Parall
     from flwr_scaling.studies.plan import first_line
 
     started, startup = _start_ray(options)
-    say(f"Ray {'started' if started else 'attached'} in {startup:.1f} s"
+    how = "attached" if options.ray_address or not started else "started"
+    say(f"Ray {how} in {startup:.1f} s"
         f"{' at ' + options.ray_address if options.ray_address else ''}; {options.workers} runs at a time, "
         f"{options.cpus_per_run:g} CPU{'s' if options.cpus_per_run != 1 else ''}"
         f"{f' and {options.gpus_per_run:g} GPU' if options.gpus_per_run else ''} each")
