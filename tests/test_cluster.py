@@ -182,3 +182,31 @@ def test_a_simulation_run_attaches_to_the_cluster(cluster, tmp_path):
     # The driver joined the cluster (its core-worker log is in one of the cluster's sessions), no local Ray.
     logs = [log for temp_dir in temp_dirs for log in temp_dir.glob(f"session_*/logs/python-core-driver-*_{run.pid}.log")]
     assert logs, "the run did not attach to the cluster"
+
+
+def driver_logs(temp_dirs: tuple[Path, ...]) -> set[Path]:
+    """The core-worker logs of every driver that has joined the cluster (one per driver process)."""
+    return {log for temp_dir in temp_dirs for log in temp_dir.glob("session_*/logs/python-core-driver-*.log")}
+
+
+def test_flwr_run_attaches_through_ray_address(cluster, tmp_path):
+    """`RAY_ADDRESS=ADDR flwr run .`: the local SuperLink that flwr run starts passes its environment to the
+    simulation process, whose ray.init() (no address in Flower's init-args) reads RAY_ADDRESS. The federation
+    options of docs/cluster.md (--federation-config, no init-args-num-cpus) are accepted."""
+    address, _, temp_dirs = cluster
+    home, out = tmp_path / "flwr-home", tmp_path / "flwr-out"
+    env = {key: value for key, value in os.environ.items() if not key.startswith(("FLWR_", "RAY_", "VIRTUAL_ENV"))}
+    env.update(FLWR_HOME=str(home), RAY_ADDRESS=address, FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION="1",
+               PATH=f"{RAY.parent}:/usr/bin:/bin")
+    before = driver_logs(temp_dirs)
+    command = [str(RAY.parent / "flwr"), "run", ".", "--stream", "--federation-config",
+               "num-supernodes=2 client-resources-num-cpus=1 init-args-logging-level='ERROR' "
+               "init-args-log-to-driver=false", "-c", f"rounds=1 warmup-batches=1 out='{out}'"]
+    try:
+        done = subprocess.run(command, capture_output=True, text=True, timeout=300, cwd=ROOT, env=env)
+    finally:
+        kill_marked(f"FLWR_HOME={home}", signal.SIGTERM)  # the local SuperLink flwr run leaves running
+    assert done.returncode == 0, (done.stdout + done.stderr)[-3000:]
+    rows = metrics_without_wall(out / "metrics.csv")
+    assert [row["round"] for row in rows] == ["1"] and rows[0]["clients_ok"] == "2"
+    assert driver_logs(temp_dirs) - before, "the simulation did not join the cluster"
