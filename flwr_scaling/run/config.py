@@ -31,6 +31,7 @@ from flwr_scaling.data.federated import (
 )
 from flwr_scaling.data.partitioners import partitioner_names
 from flwr_scaling.data.sources import check_spec, named_sources, path_kinds, source_default_model, source_size
+from flwr_scaling.core.devices import device_problem
 from flwr_scaling.core.models import IMAGE_MODELS, MODELS, input_problem
 from flwr_scaling.core.rules import MODES, RULES, get_rule
 from flwr_scaling.errors import ConfigError, DataError
@@ -91,10 +92,14 @@ class RunConfig:
     test_path: str = ""
     eval_split: str = "test"
     model: str | None = None
+    device: str = "auto"  # resolved by each process for itself (core.devices): auto is CUDA where there is one
+    client_cpus: float = 1.0  # Ray CPUs per client actor (the simulation backend)
+    client_gpus: float = 0.0  # Ray GPUs per client actor, fractional (0.25: four clients share a GPU)
     seed: int = 0
     out: str = ""
     wait_for_nodes_s: float = 60.0
     min_successful_clients: int = 1
+    min_available_clients: int = 1
     checkpoint_every: int = 1
     client_eval_every: int = 0
     input_shape: str = ""
@@ -103,6 +108,7 @@ class RunConfig:
     max_num_examples: int = 0
     aggregation: str = "mean"
     trim_fraction: float = 0.2
+    tensorboard: str = ""  # TensorBoard event files under DIR/<run folder name> ("": none); needs the extra
 
     # ------------------------------------------------------------------ keys
     @staticmethod
@@ -133,11 +139,15 @@ class RunConfig:
         return cls(**kwargs)
 
     # -------------------------------------------------------------- defaults
-    def resolved(self) -> RunConfig:
-        """Fill every ``None`` with its documented default; validate first."""
+    def resolved(self, *, check_files: bool = True) -> RunConfig:
+        """Fill every ``None`` with its documented default; validate first.
+
+        ``check_files=False``: do not look for the dataset's files (a client: a
+        device holds only its own data, not the run's).
+        """
         if self.num_clients == AUTO_CLIENTS:  # no federation counted the nodes: the command line's default
-            return replace(self, num_clients=DEFAULT_NUM_CLIENTS).resolved()
-        self.validate()
+            return replace(self, num_clients=DEFAULT_NUM_CLIENTS).resolved(check_files=check_files)
+        self.validate(check_files=check_files)
         method = get_method(self.strategy)
         precond = self.precond or method.default_precond
         rule = get_rule(precond)
@@ -175,8 +185,8 @@ class RunConfig:
         return method.label(precond or self.precond or method.default_precond, self.precond_mode)
 
     # ------------------------------------------------------------ validation
-    def validate(self) -> None:
-        """Raise ConfigError (one line) on the first bad option."""
+    def validate(self, *, check_files: bool = True) -> None:
+        """Raise ConfigError (one line) on the first bad option (``check_files``: also that the dataset's files can be read)."""
         for field in fields(self):
             _check_type(self.key(field.name), getattr(self, field.name), str(field.type))
         _choice("strategy", self.strategy, METHODS)
@@ -203,7 +213,8 @@ class RunConfig:
         if not self.label_column:
             raise ConfigError("label-column must name a column of the data, got ''")
         try:
-            check_spec(self.dataset, self.test_path)  # the files exist and can be read
+            if check_files:
+                check_spec(self.dataset, self.test_path)  # the files exist and can be read
         except DataError as error:
             raise ConfigError(str(error)) from None
         _choice("eval-split", self.eval_split, EVAL_SPLITS)
@@ -233,6 +244,10 @@ class RunConfig:
         _choice("partitioner", self.partitioner, partitioner_names())
         _at_least("shard-classes", self.shard_classes, 1)
         _at_least("client-eval-every", self.client_eval_every, 0)
+        if device_problem(self.device):  # the spelling only: whether this machine has it is the preflight's question
+            raise ConfigError(device_problem(self.device))
+        _positive("client-cpus", self.client_cpus)  # Flower divides a node's CPUs by it
+        _range("client-gpus", self.client_gpus, 0.0, math.inf, high_open=True)
         _positive("dirichlet-alpha", self.dirichlet_alpha)
         for name in ("precond-probes", "warmup-batches", "local-epochs", "batch-size", "rounds"):
             _at_least(name, getattr(self, name.replace("-", "_")), 1)
@@ -260,6 +275,11 @@ class RunConfig:
                 f"min-successful-clients ({self.min_successful_clients}) cannot exceed the clients per round "
                 f"({self.clients_per_round or self.num_clients}): no round could succeed"
             )
+        _at_least("min-available-clients", self.min_available_clients, 1)
+        if self.min_available_clients > self.num_clients:
+            raise ConfigError(
+                f"min-available-clients ({self.min_available_clients}) cannot exceed num-clients ({self.num_clients})"
+            )
         _at_least("checkpoint-every", self.checkpoint_every, 0)
         _range("screen-factor", self.screen_factor, 0.0, math.inf, high_open=True)
         if 0 < self.screen_factor <= 1:
@@ -269,6 +289,8 @@ class RunConfig:
         _range("trim-fraction", self.trim_fraction, 0.0, 0.5, high_open=True)
         if "\0" in self.out:
             raise ConfigError(f"out must be a folder name without NUL characters, got {self.out!r}")
+        if "\0" in self.tensorboard:
+            raise ConfigError(f"tensorboard must be a folder name without NUL characters, got {self.tensorboard!r}")
 
 
 def parse_input_shape(text: str) -> tuple[int, ...]:

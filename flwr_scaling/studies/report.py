@@ -8,8 +8,10 @@ layouts differ only where the commands do: ``compare`` has one run per row
 sweep a group of seeds per row (means ± std, how many seeds reached the
 target, optional columns). ``compare`` draws ``accuracy.png`` with two panels;
 a sweep adds ``results.csv``, ``summary.csv`` and one figure per quantity.
-Only metrics.csv files (and a sweep's ``sweep.json`` and DONE markers) are read;
-regenerating a report gives the same bytes.
+Only metrics.csv files (and a sweep's ``sweep.json`` and DONE markers, a
+comparison's ``compare.json`` and ``config.json`` files) are read; regenerating
+a report gives the same bytes. ``write_report`` (``flwr-scaling report``) rebuilds either kind.
+Titles name the partitioner the runs used (``partition_text``).
 """
 
 from __future__ import annotations
@@ -23,19 +25,25 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from flwr_scaling.data.partitioners import describe as describe_partition
 from flwr_scaling.run.config import ConfigError, RunConfig
 from flwr_scaling.run.recorder import read_metrics, write_atomic
 from flwr_scaling.studies.outcomes import Group, Rows, seed_group_summary
 from flwr_scaling.studies.plan import METHOD, SEED, first_line, run_name, value_text
 from flwr_scaling.studies.plots import plot_accuracy, plot_sweep
-from flwr_scaling.studies.state import METRICS, RUNS, SWEEP_JSON, is_finished
+from flwr_scaling.studies.state import METRICS, RUNS, SWEEP_JSON, check_planned_runs, is_finished
+from flwr_scaling.studies.statistics import honest_summary, paired_section
 
 Summary = list[tuple[Group, dict[str, Any]]]  # each group with its seed_group_summary
 # summary.csv: the statistics after the group's cells and seeds, in this order.
 STATISTICS = ["n_seeds", "final_accuracy_mean", "final_accuracy_std", "best_accuracy_mean", "best_accuracy_std",
               "target_accuracy", "rounds_to_target_mean", "reached_target", "mb_to_target_mean", "mb_total_mean",
-              "max_gamma_over_alpha", "final_gap_mean", "final_gap_std", "final_worst10_mean", "final_worst10_std"]
+              "max_gamma_over_alpha", "final_gap_mean", "final_gap_std", "final_worst10_mean", "final_worst10_std",
+              # statistics.honest_summary: the tuning score, and medians over all seeds (never = inf)
+              "tuning_score_mean", "tuning_score_std", "rounds_to_target_median", "mb_to_target_median"]
+BASELINE = "fedavg"  # what the paired differences compare every method with (else the grid's first method)
 # What decides a run's partition of the data (a partition does not depend on the method).
+COMPARE_JSON = "compare.json"  # a comparison's labels (in order) and target, for report
 PARTITION_KEYS = ("dataset", "test-path", "partitioner", "dirichlet-alpha", "shard-classes", "num-clients",
                   "client-eval-every", "eval-split", "seed")
 
@@ -46,18 +54,26 @@ def summarise(groups: Sequence[Group], target: float) -> Summary:
     return [(group, seed_group_summary(group.runs, target)) for group in groups]
 
 
-def summary_table(summary: Summary, target: float, *, per_seed: bool) -> list[str]:
+def summary_table(summary: Summary, target: float, *, per_seed: bool, split: str = "test") -> list[str]:
     """The Markdown table of ``summary.md``, one line per group.
 
     ``per_seed=False`` (``compare``): accuracies and the first round reaching
     ``target`` of each single run. ``per_seed=True`` (sweeps): a seeds column,
-    means ± std, rounds to ``target`` with how many seeds reached it, and the
-    optional columns (f − f*, worst clients' accuracy) that every group has.
+    means ± std, the tuning score (mean accuracy over rounds), rounds and MB to
+    ``target`` as medians over all seeds with how many reached it (a group's own
+    ``target_accuracy`` when the sweep sets one per alpha: then a target column),
+    and the optional columns (f − f*, worst clients' accuracy) that every group
+    has. ``split`` ``validation`` labels the accuracies "val acc".
     """
     cells_header = list(summary[0][0].cells) if summary else []
-    reach = f"rounds to {target:g}" if per_seed else f"first round >= {target:g}"
-    header = [*cells_header, *(["seeds"] if per_seed else []), "final acc", "best acc", reach,
-              f"MB to {target:g}", "MB total", "max Γ/α"]
+    acc = "val acc" if split == "validation" else "acc"
+    targets = {stats.get("target_accuracy", target) for _, stats in summary}
+    several = per_seed and len(targets) > 1
+    shown = "target" if several else f"{target:g}"
+    reach = f"rounds to {shown}" if per_seed else f"first round >= {target:g}"
+    header = [*cells_header, *(["seeds"] if per_seed else []), *(["target"] if several else []), f"final {acc}",
+              f"best {acc}", *([f"mean {acc} over rounds"] if per_seed else []), reach,
+              f"MB to {shown}", "MB total", "max Γ/α"]
     extras = [(key, title) for key, title in (("final_gap", "final f − f*"), ("final_worst10", "final worst-10 % client acc"))
               if per_seed and all(stats[f"{key}_mean"] is not None for _, stats in summary)]
     header += [title for _, title in extras]
@@ -65,14 +81,18 @@ def summary_table(summary: Summary, target: float, *, per_seed: bool) -> list[st
     for group, stats in summary:
         n, reached = stats["n_seeds"], stats["reached_target"]
         if per_seed:
-            rounds_text = ("never" if not reached else _fixed(stats["rounds_to_target_mean"], 1)) + f" ({reached}/{n})"
+            rounds_text = stats["reach_text"]
+            megabytes = stats["mb_to_target_median"]
         else:
             rounds_text = "never" if not reached else str(int(stats["rounds_to_target_mean"]))
+            megabytes = math.inf if stats["mb_to_target_mean"] is None else stats["mb_to_target_mean"]
         cells = [*group.cells.values(), *([str(n)] if per_seed else []),
+                 *([f"{stats['target_accuracy']:g}"] if several else []),
                  _pm(stats["final_accuracy_mean"], stats["final_accuracy_std"]),
                  _pm(stats["best_accuracy_mean"], stats["best_accuracy_std"]),
+                 *([_pm(stats["tuning_score_mean"], stats["tuning_score_std"])] if per_seed else []),
                  rounds_text,
-                 "-" if stats["mb_to_target_mean"] is None else _fixed(stats["mb_to_target_mean"], 2),
+                 "-" if math.isinf(megabytes) else _fixed(megabytes, 2),
                  _fixed(stats["mb_total_mean"], 2),
                  f"{stats['max_gamma_over_alpha']:.3g}"]
         for key, _ in extras:
@@ -84,83 +104,213 @@ def summary_table(summary: Summary, target: float, *, per_seed: bool) -> list[st
 
 
 def write_summary(out: Path, title: str, summary: Summary, target: float, *, per_seed: bool,
-                  context: str = "", notes: Sequence[str] = ()) -> None:
+                  context: str = "", notes: Sequence[str] = (), split: str = "test") -> None:
     """``summary.md``: the title, the shared setting (``context``), the table, then each note as a paragraph."""
     lines = [f"# {title}", ""] + ([context, ""] if context else [])
-    lines += summary_table(summary, target, per_seed=per_seed)
+    lines += summary_table(summary, target, per_seed=per_seed, split=split)
     for note in notes:
         lines += ["", note]
     write_atomic(out / "summary.md", "\n".join(lines) + "\n")
 
 
 # ----------------------------------------------------------------- compare
+def partition_text(config: Mapping[str, Any]) -> str:
+    """How a run (kebab-case configuration) split the data, for titles: ``Dirichlet 0.5``, ``iid``,
+    ``shard (2 classes per client)``; other partitioners as their registry entry describes them."""
+    partitioner = config.get("partitioner") or "dirichlet"  # configurations saved before the option existed
+    if partitioner == "dirichlet":
+        return f"Dirichlet {float(config.get('dirichlet-alpha', 0.5)):g}"
+    return describe_partition(RunConfig.from_mapping({key: config[key] for key in PARTITION_KEYS if key in config})
+                              .partition_spec())
+
+
+def compare_title(config: Mapping[str, Any]) -> str:
+    """The title of a comparison of runs sharing the setting of ``config`` (kebab-case, resolved)."""
+    return (f"{config['dataset']}, {config['model']}, {config['num-clients']} clients, {partition_text(config)}, "
+            f"{config['local-epochs']} local epoch(s), seed {config['seed']}")
+
+
 def write_compare_report(out: Path, runs: Mapping[str, Rows], lrs: Mapping[str, float], target: float,
                          title: str) -> None:
-    """``compare``'s ``summary.md`` (one row per configuration) and ``accuracy.png`` in ``out``.
+    """``compare``'s ``summary.md`` (one row per configuration), ``accuracy.png`` and ``compare.json`` in ``out``.
 
     ``runs`` maps each configuration's label to its metrics rows, ``lrs`` to its step size.
+    ``compare.json`` (the labels in order and the target) lets ``report`` rebuild the same files.
     """
     groups = [Group(label, {"run": label, "lr": _number(lrs.get(label, math.nan))}, [rows])
               for label, rows in runs.items()]
     write_summary(out, title, summarise(groups, target), target, per_seed=False)
     plot_accuracy(runs, out / "accuracy.png", title, target)
+    write_atomic(out / COMPARE_JSON, json.dumps({"labels": list(runs), "target-accuracy": target}, indent=2) + "\n")
+
+
+def rebuild_compare_report(out_dir: str | Path, target: float | None = None) -> None:
+    """Rebuild a ``compare`` folder's ``summary.md`` and ``accuracy.png`` from its runs' files (runs nothing).
+
+    The labels and target (unless ``target`` is given) come from ``compare.json``; a folder written before
+    that file existed gives every sub-folder with a finished run, by name, and
+    the default target 0.9.
+    """
+    out = Path(out_dir)
+    labels, planned = _compare_plan(out)
+    target = planned if target is None else target
+    runs, configs = {}, {}
+    for label in labels:
+        folder = out / label
+        try:
+            configs[label] = json.loads((folder / "config.json").read_text(encoding="utf-8"))
+            runs[label] = read_metrics(folder / METRICS)
+        except (OSError, ValueError) as problem:
+            raise ConfigError(f"{folder}: not a finished run ({first_line(problem)})") from None
+        if len(runs[label]) != int(configs[label].get("rounds", 0)):
+            raise ConfigError(f"{folder}: {len(runs[label])} of {configs[label].get('rounds')} rounds in {METRICS}; "
+                              f"finish the run first (run --resume {folder})")
+    write_compare_report(out, runs, {label: float(c["lr"]) for label, c in configs.items()}, target,
+                         compare_title(configs[labels[0]]))
+
+
+def is_compare_folder(out: Path) -> bool:
+    """``out`` was written by ``compare``: its ``compare.json``, or a ``summary.md`` over run sub-folders."""
+    return (out / COMPARE_JSON).is_file() or (
+        (out / "summary.md").is_file() and not (out / SWEEP_JSON).is_file() and bool(_run_folders(out)))
+
+
+def write_report(out_dir: str | Path, target: float | None = None) -> str:
+    """``flwr-scaling report``: rebuild a sweep's or a comparison's report; return which (``sweep``/``compare``).
+
+    ``target``: the accuracy to count rounds and MB to (default: the one the folder was written with).
+    """
+    out = Path(out_dir)
+    if not out.is_dir():
+        raise ConfigError(f"{out} is not a folder")
+    if not (out / SWEEP_JSON).is_file() and is_compare_folder(out):
+        rebuild_compare_report(out, target)
+        return "compare"
+    if target is None:
+        write_sweep_report(out)
+    else:
+        write_sweep_report(out, target=target)
+    return "sweep"
+
+
+def _run_folders(out: Path) -> list[str]:
+    return sorted(p.name for p in out.iterdir() if (p / "config.json").is_file() and (p / METRICS).is_file())
+
+
+def _compare_plan(out: Path) -> tuple[list[str], float]:
+    plan_file = out / COMPARE_JSON
+    if not plan_file.is_file():
+        labels = _run_folders(out)
+        if not labels:
+            raise ConfigError(f"{out} holds no finished runs to report")
+        return labels, 0.9
+    try:
+        plan = json.loads(plan_file.read_text(encoding="utf-8"))
+        labels, target = [str(label) for label in plan["labels"]], float(plan["target-accuracy"])
+    except (ValueError, KeyError, TypeError) as problem:
+        raise ConfigError(f"{plan_file} is not a comparison description: {first_line(problem)}") from None
+    if not labels:
+        raise ConfigError(f"{plan_file} names no runs")
+    return labels, target
 
 
 # ------------------------------------------------------------------- sweeps
-def write_sweep_report(out_dir: str | Path) -> None:
+def write_sweep_report(out_dir: str | Path, target: float | None = None) -> None:
     """Tables and plots of the finished runs in the sweep folder ``out_dir``. Only reads; never runs anything.
 
     Writes (atomically) ``results.csv`` (one row per run and round: the grid
     values, then every metrics.csv column), ``summary.csv`` and ``summary.md``
-    (one row per group of runs that differ only in their seed) and
+    (one row per group of runs that differ only in their seed; with several
+    methods run on the same seeds, their paired differences from the baseline
+    with bootstrap intervals, ``statistics.py``) and
     ``accuracy.png``, ``accuracy_vs_mb.png``, ``gamma_over_alpha.png``. The
     tables depend on the run files alone: regenerating them gives the same bytes.
+    ``target``: one target accuracy for every group instead of the sweep file's (``report --target``).
     """
     out = Path(out_dir)
-    name, target, grid, runs = _read_plan(out)
+    name, planned, grid, runs = _read_plan(out)
+    per_alpha = {} if target is not None or not isinstance(planned, dict) else planned
+    if target is None:  # the file's: one number, or per alpha (then the fallback for an alpha it does not name)
+        target = planned if isinstance(planned, float) else planned.get("default", min(planned.values()))
     done = [is_finished(out / RUNS / run["name"], run["config"]) for run in runs]
     finished = [run for run, ok in zip(runs, done) if ok]
     missing = [run["name"] for run, ok in zip(runs, done) if not ok]
     if not finished:
-        raise ConfigError(f"{out}: no finished runs yet (0 of {len(runs)}); nothing to report")
+        raise ConfigError(f"{out}: no finished runs yet (0 of {len(runs)}); nothing to report (a run is finished when "
+                          f"its folder has a DONE marker and a metrics.csv of every round: run the sweep to finish them)")
     rows = {run["name"]: read_metrics(out / RUNS / run["name"] / METRICS) for run in finished}
     _write_results(out, list(grid), finished)
 
     group_keys = [key for key in grid if key != SEED]
-    summary = summarise(_seed_groups(finished, rows, grid, group_keys), target)
+    groups = _seed_groups(finished, rows, grid, group_keys)
+
+    def target_of(group: Group) -> float:  # a sweep's per-alpha targets, keyed by the alpha as written (0.1, 1.0)
+        if not per_alpha:
+            return target
+        alpha = (group.values[group_keys.index("dirichlet-alpha")] if "dirichlet-alpha" in group_keys
+                 else finished[0]["config"].get("dirichlet-alpha"))
+        return per_alpha.get(value_text(float(alpha)), per_alpha.get("default", target))
+
+    summary = [(group, {**seed_group_summary(group.runs, target_of(group)),
+                        **honest_summary(group.runs, target_of(group))}) for group in groups]
+    split = "validation" if all(r["config"].get("eval-split") == "validation" for r in finished) else "test"
     seeds_of = {group.label: " ".join(map(str, group.seeds)) for group, _ in summary}
-    csv_rows = [{**group.cells, "seeds": seeds_of[group.label], "target_accuracy": _number(target),
+    csv_rows = [{**group.cells, "seeds": seeds_of[group.label],
                  **{key: _number(value) for key, value in stats.items()}} for group, stats in summary]
     columns = [*(summary[0][0].cells), "seeds", *STATISTICS]
     write_atomic(out / "summary.csv", _csv(columns, csv_rows))
 
     context = _common_context([run["config"] for run in runs])
-    notes = [f"Mean ± sample standard deviation (n − 1) over seeds. Rounds and MB to {target:g}: first round whose "
-             f"test accuracy is >= {target:g}, mean over the seeds that reached it (how many in brackets). MB: bytes "
-             f"sent down and up (10^6). Γ/α: largest precond_max / precond_min over rounds and seeds."]
+    shown = "the target" if per_alpha else f"{target:g}"
+    notes = [f"Accuracy on the {'validation' if split == 'validation' else 'test'} split. Mean ± sample standard "
+             f"deviation (n − 1) over seeds. Mean acc over rounds: the tuning score (rewards speed and the final "
+             f"value). Rounds and MB to {shown}: first round whose accuracy is >= {shown}, median over all seeds, a "
+             f"seed that never reached it counting as more than the rounds run (\"> R\" when the median seed never "
+             f"did; how many reached it in brackets). MB: bytes sent down and up (10^6). Γ/α: largest "
+             f"precond_max / precond_min over rounds and seeds."]
+    notes += _paired_notes(groups, group_keys)
     partitions = _collect_partition_plots(out, finished)
     if partitions:
         notes.append("Label distribution of each client (one heatmap per distinct partition): "
                      + ", ".join(f"[{name}](partitions/{name}.png)" for name in partitions))
     if missing:
         notes.append(f"Not finished ({len(missing)} of {len(runs)} runs): " + ", ".join(missing))
-    write_summary(out, f"Sweep {name}", summary, target, per_seed=True, context=context, notes=notes)
+    write_summary(out, f"Sweep {name}", summary, target, per_seed=True, context=context, notes=notes, split=split)
     plot_sweep(out, name, [group for group, _ in summary], grid[group_keys[0]] if group_keys else [], target, context)
 
 
-def _read_plan(out: Path) -> tuple[str, float, dict[str, list[Any]], list[dict[str, Any]]]:
-    """The sweep's name, target accuracy, grid and planned runs, from its ``sweep.json``."""
+def _paired_notes(groups: Sequence[Group], group_keys: Sequence[str]) -> list[str]:
+    """The paired differences of every method from the baseline, per setting (``statistics.paired_section``)."""
+    if METHOD not in group_keys:
+        return []
+    position = list(group_keys).index(METHOD)
+    methods = [group.values[position] for group in groups]
+    baseline = BASELINE if BASELINE in methods else methods[0]
+    entries = [(", ".join(f"{k}={value_text(v)}" for k, v in zip(group_keys, group.values) if k != METHOD),
+                group.values[position], dict(zip(group.seeds, group.runs))) for group in groups]
+    lines = paired_section(entries, baseline)
+    if not lines:
+        return []
+    return ["\n".join([f"Paired differences from {baseline} over the seeds both ran (same seed: same split, partition "
+                        f"and initial model); mean and percentile bootstrap 95 % interval (10,000 resamples, seed 0). "
+                        f"\"better\"/\"worse\": the interval excludes 0.", *lines])]
+
+
+def _read_plan(out: Path) -> tuple[str, float | dict[str, float], dict[str, list[Any]], list[dict[str, Any]]]:
+    """The sweep's name, target accuracy (or per-alpha targets), grid and planned runs, from its ``sweep.json``."""
     spec_file = out / SWEEP_JSON
     if not spec_file.is_file():
         raise ConfigError(f"{out} is not a sweep folder: {SWEEP_JSON} is missing (run the sweep first)")
     try:
         spec = json.loads(spec_file.read_text(encoding="utf-8"))
-        target = float(spec["target-accuracy"])
+        planned = spec["target-accuracy"]
+        target = ({str(k): float(v) for k, v in planned.items()} if isinstance(planned, dict) else float(planned))
         grid = {key: list(values) for key, values in spec["grid"].items()}
         runs = list(spec["runs"])
         name = str(spec.get("name", out.name))
     except (ValueError, KeyError, TypeError, AttributeError) as problem:
         raise ConfigError(f"{spec_file} is not a sweep description: {first_line(problem)}") from None
+    check_planned_runs(spec_file, runs, grid)
     return name, target, grid, runs
 
 
@@ -196,6 +346,9 @@ def _seed_groups(finished: Sequence[Mapping[str, Any]], rows: Mapping[str, Rows]
         cells = {k: value_text(v) for k, v in zip(group_keys, values)}
         if "lr" not in group_keys:
             cells["lr"] = _number(runs[0]["config"]["lr"])
+        for key, plain in (("server-lr", 1.0), ("server-momentum", 0.0)):  # shown when some run sets them
+            if key not in group_keys and any(float(r["config"].get(key, plain)) != plain for r in finished):
+                cells[key] = _number(runs[0]["config"].get(key, plain))
         groups.append(Group(label, cells, [rows[r["name"]] for r in runs], values,
                             [r["config"]["seed"] for r in runs]))
     return groups
@@ -231,8 +384,13 @@ def _common_context(configs: Sequence[Mapping[str, Any]]) -> str:
     """The setting shared by every run (for titles): dataset, model, clients, split, epochs, rounds."""
     parts = []
     for key, show in (("dataset", "{}"), ("model", "{}"), ("num-clients", "{} clients"),
-                      ("clients-per-round", "{} per round"), ("dirichlet-alpha", "Dirichlet {:g}"),
+                      ("clients-per-round", "{} per round"), ("partition", "{}"),
                       ("local-epochs", "{} local epoch(s)"), ("rounds", "{} rounds")):
+        if key == "partition":  # the partitioner actually used (iid, shard k, Dirichlet alpha), if all share it
+            splits = {partition_text(c) for c in configs}
+            if len(splits) == 1:
+                parts.append(splits.pop())
+            continue
         values = {json.dumps(c.get(key)) for c in configs}
         if len(values) == 1 and configs[0].get(key) is not None:
             if key == "clients-per-round" and configs[0].get(key) == configs[0].get("num-clients"):
@@ -270,4 +428,6 @@ def _pm(mean: float, std: float | None) -> str:
     return f"{mean:.3f}" if std is None else f"{mean:.3f} ± {std:.3f}"
 
 
-__all__ = ["Summary", "summarise", "summary_table", "write_summary", "write_compare_report", "write_sweep_report"]
+__all__ = ["Summary", "summarise", "summary_table", "write_summary", "write_compare_report", "write_sweep_report",
+           "compare_title", "partition_text", "rebuild_compare_report", "is_compare_folder", "write_report",
+           "COMPARE_JSON"]
