@@ -31,7 +31,6 @@ from flwr_scaling.data.federated import (
 )
 from flwr_scaling.data.partitioners import partitioner_names
 from flwr_scaling.data.sources import check_spec, named_sources, path_kinds, source_default_model, source_size
-from flwr_scaling.core.devices import device_problem
 from flwr_scaling.core.models import IMAGE_MODELS, MODELS, input_problem
 from flwr_scaling.core.rules import MODES, RULES, get_rule
 from flwr_scaling.errors import ConfigError, DataError
@@ -92,14 +91,10 @@ class RunConfig:
     test_path: str = ""
     eval_split: str = "test"
     model: str | None = None
-    device: str = "auto"  # resolved by each process for itself (core.devices): auto is CUDA where there is one
-    client_cpus: float = 1.0  # Ray CPUs per client actor (the simulation backend)
-    client_gpus: float = 0.0  # Ray GPUs per client actor, fractional (0.25: four clients share a GPU)
     seed: int = 0
     out: str = ""
     wait_for_nodes_s: float = 60.0
     min_successful_clients: int = 1
-    min_available_clients: int = 1
     checkpoint_every: int = 1
     client_eval_every: int = 0
     input_shape: str = ""
@@ -139,15 +134,11 @@ class RunConfig:
         return cls(**kwargs)
 
     # -------------------------------------------------------------- defaults
-    def resolved(self, *, check_files: bool = True) -> RunConfig:
-        """Fill every ``None`` with its documented default; validate first.
-
-        ``check_files=False``: do not look for the dataset's files (a client: a
-        device holds only its own data, not the run's).
-        """
+    def resolved(self) -> RunConfig:
+        """Fill every ``None`` with its documented default; validate first."""
         if self.num_clients == AUTO_CLIENTS:  # no federation counted the nodes: the command line's default
-            return replace(self, num_clients=DEFAULT_NUM_CLIENTS).resolved(check_files=check_files)
-        self.validate(check_files=check_files)
+            return replace(self, num_clients=DEFAULT_NUM_CLIENTS).resolved()
+        self.validate()
         method = get_method(self.strategy)
         precond = self.precond or method.default_precond
         rule = get_rule(precond)
@@ -185,8 +176,8 @@ class RunConfig:
         return method.label(precond or self.precond or method.default_precond, self.precond_mode)
 
     # ------------------------------------------------------------ validation
-    def validate(self, *, check_files: bool = True) -> None:
-        """Raise ConfigError (one line) on the first bad option (``check_files``: also that the dataset's files can be read)."""
+    def validate(self) -> None:
+        """Raise ConfigError (one line) on the first bad option."""
         for field in fields(self):
             _check_type(self.key(field.name), getattr(self, field.name), str(field.type))
         _choice("strategy", self.strategy, METHODS)
@@ -213,8 +204,7 @@ class RunConfig:
         if not self.label_column:
             raise ConfigError("label-column must name a column of the data, got ''")
         try:
-            if check_files:
-                check_spec(self.dataset, self.test_path)  # the files exist and can be read
+            check_spec(self.dataset, self.test_path)  # the files exist and can be read
         except DataError as error:
             raise ConfigError(str(error)) from None
         _choice("eval-split", self.eval_split, EVAL_SPLITS)
@@ -244,10 +234,6 @@ class RunConfig:
         _choice("partitioner", self.partitioner, partitioner_names())
         _at_least("shard-classes", self.shard_classes, 1)
         _at_least("client-eval-every", self.client_eval_every, 0)
-        if device_problem(self.device):  # the spelling only: whether this machine has it is the preflight's question
-            raise ConfigError(device_problem(self.device))
-        _positive("client-cpus", self.client_cpus)  # Flower divides a node's CPUs by it
-        _range("client-gpus", self.client_gpus, 0.0, math.inf, high_open=True)
         _positive("dirichlet-alpha", self.dirichlet_alpha)
         for name in ("precond-probes", "warmup-batches", "local-epochs", "batch-size", "rounds"):
             _at_least(name, getattr(self, name.replace("-", "_")), 1)
@@ -274,11 +260,6 @@ class RunConfig:
             raise ConfigError(
                 f"min-successful-clients ({self.min_successful_clients}) cannot exceed the clients per round "
                 f"({self.clients_per_round or self.num_clients}): no round could succeed"
-            )
-        _at_least("min-available-clients", self.min_available_clients, 1)
-        if self.min_available_clients > self.num_clients:
-            raise ConfigError(
-                f"min-available-clients ({self.min_available_clients}) cannot exceed num-clients ({self.num_clients})"
             )
         _at_least("checkpoint-every", self.checkpoint_every, 0)
         _range("screen-factor", self.screen_factor, 0.0, math.inf, high_open=True)
