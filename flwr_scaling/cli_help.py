@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from dataclasses import fields
 
+from flwr_scaling.core.devices import DEVICE_CHOICES
 from flwr_scaling.core.rules import MODES, RULES
 from flwr_scaling.data.hub import HUB_KIND
 from flwr_scaling.data.partitioners import partitioner_names
@@ -56,6 +57,11 @@ DESCRIPTIONS = {
     "test_path": "a separate test file (libsvm, csv, parquet)",
     "eval_split": "test, or validation (20% of the training split; for choosing step sizes)",
     "model": "the model",
+    "device": "where models train and evaluate (each process resolves it: auto is CUDA where there is one, else the "
+              "CPU); with --backend simulation clients see a GPU only with --client-gpus > 0",
+    "client_cpus": "Ray CPUs per client actor (--backend simulation): the actors that run at once are cores / this",
+    "client_gpus": "Ray GPUs per client actor (--backend simulation), fractional: 0.25 packs four clients on a GPU; "
+                   "> 0 needs CUDA",
     "seed": "seed of every random choice (split, partition, init, batches, probes, sampling)",
     "out": "output folder",
     "wait_for_nodes_s": "how long the server waits for num-clients nodes before it gives up",
@@ -116,6 +122,7 @@ def _choices() -> dict[str, list[str]]:
         "eval_split": list(run_config.EVAL_SPLITS),
         "aggregation": list(run_config.AGGREGATIONS),
         "model": list(run_config.MODELS),
+        "device": list(DEVICE_CHOICES),
         "dataset": [*named_sources(), *(f"{kind}:{'NAME' if kind == HUB_KIND else 'PATH'}" for kind in path_kinds())],
     }
 
@@ -128,7 +135,8 @@ def _computed_defaults() -> dict[str, str]:
         "lr": _lr_default(),
         "server_lr": _per_item({name: m.server_lr for name, m in METHODS.items()}),
         "clients_per_round": "all",
-        "model": "cnn for image data (digits, idx:), logreg otherwise",
+        "model": "resnet for 3x32x32 images (e.g. hf:uoft-cs/cifar10), cnn for other images (digits, idx:), "
+                 "logreg otherwise",
         "input_shape": "the data's own shape",
         "label_names": "the data's text labels, sorted",
         "test_path": "20% of the data, stratified",

@@ -31,6 +31,7 @@ from flwr_scaling.strategies.screening import ReplyScreen
 from flwr_scaling.core.rules import get_rule
 from flwr_scaling.data.federated import partition_indices
 from flwr_scaling.core.local_sgd import evaluate
+from flwr_scaling.core.devices import resolve_device
 
 
 NODE_INFO_MESSAGE_TYPE = f"{MessageType.QUERY}.node_info"
@@ -162,11 +163,14 @@ def run_server(grid: Grid, config: RunConfig, resume: Checkpoint | None = None, 
     if config.num_clients == AUTO_CLIENTS:  # `flwr run .`: one client per node the federation started
         config = replace(config, num_clients=settled_node_count(grid, config.wait_for_nodes_s))
     cfg = config.resolved()
+    # The central evaluation runs on this process's device (checked before waiting for nodes);
+    # the arrays it sends are moved to the CPU first.
+    device = resolve_device(cfg.device)
     flower_config = cfg.to_flower()
     wait_for_nodes(grid, cfg.num_clients, cfg.wait_for_nodes_s)
     data = load_federated_data(cfg.data_spec())
-    model = initial_model(cfg.model, data.input_shape, data.num_classes, cfg.seed)
-    test_x, test_y = data.test.tensors()
+    model = initial_model(cfg.model, data.input_shape, data.num_classes, cfg.seed).to(device)
+    test_x, test_y = (tensor.to(device) for tensor in data.test.tensors())
     runtime = {"node_order": describe_nodes(grid, flower_config, cfg.wait_for_nodes_s)}
     recorder = RunRecorder(cfg.out, flower_config, cfg.label())
     done = 0

@@ -273,7 +273,7 @@ def test_every_option_is_checked():
            "test_path": "missing.csv", "server_tau": 0.0, "server_momentum": 1.0, "proximal_mu": -1.0, "partitioner": "x", "shard_classes": 0,
            "client_eval_every": -1, "precond_dtype": "bf16", "precond_every": 0,
            "screen_factor": 0.5, "max_num_examples": -1, "aggregation": "x", "trim_fraction": 0.5,
-           "input_shape": "1x0x8", "label_names": "[1, 2]", "tensorboard": "\0"}
+           "input_shape": "1x0x8", "label_names": "[1, 2]", "device": "gpu", "client_cpus": 0.0, "client_gpus": -1.0, "tensorboard": "\0"}
     for name, value in bad.items():
         with pytest.raises(ConfigError):
             replace(RunConfig(), **{name: value}).validate()

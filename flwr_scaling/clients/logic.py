@@ -12,6 +12,7 @@ import torch
 from flwr_scaling.core.arrays import numpy_to_torch, torch_to_numpy
 from flwr_scaling.run.config import RunConfig
 from flwr_scaling.data.federated import Split, load_federated_data, load_partition, make_loader
+from flwr_scaling.core.devices import resolve_device
 from flwr_scaling.core.models import build_model
 from flwr_scaling.core.seeding import client_streams, derived_seed
 from flwr_scaling.clients.settings import train_settings
@@ -55,16 +56,16 @@ def client_eval_partition(cfg: RunConfig, partition_id: int) -> Split:
 
 
 @lru_cache(maxsize=4)
-def _model(name: str, input_shape: tuple[int, ...], num_classes: int) -> torch.nn.Module:
-    # One model object per process, reloaded with the global arrays every round.
-    return build_model(name, input_shape, num_classes)
+def _model(name: str, input_shape: tuple[int, ...], num_classes: int, device: str) -> torch.nn.Module:
+    # One model object per process (and device), reloaded with the global arrays every round.
+    return build_model(name, input_shape, num_classes).to(device)
 
 
 def loaded_model(cfg: RunConfig, arrays: NumpyArrays) -> torch.nn.Module:
     """This process's model object for ``cfg``, holding the global ``arrays``."""
     data = load_federated_data(cfg.data_spec())
-    model = _model(cfg.model, data.input_shape, data.num_classes)
-    model.load_state_dict(numpy_to_torch(arrays))
+    model = _model(cfg.model, data.input_shape, data.num_classes, str(resolve_device(cfg.device)))
+    model.load_state_dict(numpy_to_torch(arrays))  # copies the CPU arrays onto the model's device
     return model
 
 

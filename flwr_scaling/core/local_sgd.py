@@ -18,6 +18,7 @@ from torch import nn
 
 # MODES is defined with the rules (their default step size is per mode), and hutchinson_diagonal
 # with the statistics; both stay importable from here (hutchinson_diagonal is only re-exported).
+from flwr_scaling.core.devices import model_device
 from flwr_scaling.core.rules import MODES, STAT_HUTCHINSON, ScalingRule, diagonal_bounds, get_rule
 from flwr_scaling.core.optimizer import Preconditioner, ScaledSGD
 from flwr_scaling.core.statistics import hutchinson_diagonal, rule_statistic
@@ -86,11 +87,14 @@ def trainable_parameters(model: nn.Module) -> dict[str, nn.Parameter]:
     return {name: p for name, p in model.named_parameters() if p.requires_grad}
 
 
-def _each_batch(loader, epochs: int):
-    """``(x, y, first_epoch)`` for every batch of every local epoch."""
+def _each_batch(loader, epochs: int, device: torch.device):
+    """``(x, y, first_epoch)`` for every batch of every local epoch, on ``device`` (the model's).
+
+    Loaders yield CPU tensors; ``to`` returns them as they are when the model is on the CPU.
+    """
     for epoch in range(epochs):
         for x, y in loader:
-            yield x, y, epoch == 0
+            yield x.to(device), y.to(device), epoch == 0
 
 
 def _loss_and_gradients(
@@ -120,8 +124,10 @@ def compute_statistic(
     params = list(named.values())
     sums = [torch.zeros_like(p) for p in params]
     batches = 0
+    device = model_device(model)
     model.train()
     for x, y in loader:
+        x, y = x.to(device), y.to(device)
         _, grads = _loss_and_gradients(model, params, x, y, create_graph=rule.statistic == STAT_HUTCHINSON)
         for acc, value in zip(sums, rule_statistic(rule, params, grads, num_probes, generator), strict=True):
             acc.add_(value)
@@ -199,7 +205,8 @@ def train_scaled(
         missing = set(names) - set(current)
         if missing:
             raise ValueError(f"the preconditioner state lacks parameters {sorted(missing)}")
-        current = {n: current[n].to(dtype=named[n].dtype) for n in names}
+        # The state arrives on the CPU (from the wire); it is used where the parameters live.
+        current = {n: current[n].to(device=named[n].device, dtype=named[n].dtype) for n in names}
     if fused:
         outcome = _optimizer_round(model, loader, settings, names, params, current, generator)
     else:
@@ -240,7 +247,7 @@ def _optimizer_round(
     )
     outcome = _RoundOutcome()
     model.train()
-    for x, y, first_epoch in _each_batch(loader, settings.local_epochs):
+    for x, y, first_epoch in _each_batch(loader, settings.local_epochs, model_device(model)):
         outcome.steps += 1
         outcome.num_examples += len(y) if first_epoch else 0
         loss = F.cross_entropy(model(x), y)
@@ -278,7 +285,7 @@ def _reference_round(
 
     steps, loss_sum, num_examples = 0, 0.0, 0
     model.train()
-    for x, y, first_epoch in _each_batch(loader, settings.local_epochs):
+    for x, y, first_epoch in _each_batch(loader, settings.local_epochs, model_device(model)):
         steps += 1
         num_examples += len(y) if first_epoch else 0
         loss, grads = _loss_and_gradients(model, params, x, y, create_graph=need_graph)
@@ -328,7 +335,7 @@ def train_local_adam(
     optimizer = torch.optim.Adam(params, lr=settings.lr)
     steps, loss_sum, num_examples = 0, 0.0, 0
     model.train()
-    for x, y, first_epoch in _each_batch(loader, settings.local_epochs):
+    for x, y, first_epoch in _each_batch(loader, settings.local_epochs, model_device(model)):
         steps += 1
         num_examples += len(y) if first_epoch else 0
         loss, grads = _loss_and_gradients(model, params, x, y, create_graph=False)
@@ -347,12 +354,14 @@ def train_local_adam(
 
 @torch.no_grad()
 def evaluate(model: nn.Module, features: torch.Tensor, labels: torch.Tensor, batch_size: int = 1024) -> tuple[float, float]:
-    """Mean cross-entropy loss and accuracy of ``model`` on a whole split."""
+    """Mean cross-entropy loss and accuracy of ``model`` on a whole split, on the model's device
+    (``features`` and ``labels`` may be on the CPU: each batch is moved)."""
     model.eval()
+    device = model_device(model)
     loss_sum, correct = 0.0, 0
     for start in range(0, len(labels), batch_size):
-        logits = model(features[start : start + batch_size])
-        target = labels[start : start + batch_size]
+        logits = model(features[start : start + batch_size].to(device))
+        target = labels[start : start + batch_size].to(device)
         loss_sum += float(F.cross_entropy(logits, target, reduction="sum"))
         correct += int((logits.argmax(dim=1) == target).sum())
     return loss_sum / len(labels), correct / len(labels)

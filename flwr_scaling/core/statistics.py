@@ -14,9 +14,15 @@ import torch
 from flwr_scaling.core.rules import STAT_GRAD_SQUARED, STAT_HUTCHINSON, ScalingRule
 
 
+def _drawn_on(generator: torch.Generator | None) -> torch.device:
+    """Where probes are drawn: the generator's device (the CPU for the package's seeded streams), so that
+    a run draws the same probes whichever device it trains on; they are then moved to the parameters'."""
+    return generator.device if generator is not None else torch.device("cpu")
+
+
 def _rademacher(like: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
-    bits = torch.randint(0, 2, like.shape, generator=generator, dtype=torch.int8)
-    return bits.to(like.dtype) * 2 - 1
+    bits = torch.randint(0, 2, like.shape, generator=generator, dtype=torch.int8, device=_drawn_on(generator))
+    return bits.to(device=like.device, dtype=like.dtype) * 2 - 1
 
 
 def _rademacher_many(likes: list[torch.Tensor], generator: torch.Generator | None) -> list[torch.Tensor]:
@@ -30,7 +36,8 @@ def _rademacher_many(likes: list[torch.Tensor], generator: torch.Generator | Non
     if any(t.dtype != dtype for t in likes):
         return [_rademacher(t, generator) for t in likes]
     sizes = [t.numel() for t in likes]
-    flat = torch.randint(0, 2, (sum(sizes),), generator=generator, dtype=dtype)
+    flat = torch.randint(0, 2, (sum(sizes),), generator=generator, dtype=dtype, device=_drawn_on(generator))
+    flat = flat.to(likes[0].device)  # the same tensor when the parameters are on the CPU
     flat.mul_(2).sub_(1)
     return [chunk.view(t.shape) for chunk, t in zip(flat.split(sizes), likes, strict=True)]
 

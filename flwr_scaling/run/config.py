@@ -31,6 +31,7 @@ from flwr_scaling.data.federated import (
 )
 from flwr_scaling.data.partitioners import partitioner_names
 from flwr_scaling.data.sources import check_spec, named_sources, path_kinds, source_default_model, source_size
+from flwr_scaling.core.devices import device_problem
 from flwr_scaling.core.models import IMAGE_MODELS, MODELS, input_problem
 from flwr_scaling.core.rules import MODES, RULES, get_rule
 from flwr_scaling.errors import ConfigError, DataError
@@ -91,6 +92,9 @@ class RunConfig:
     test_path: str = ""
     eval_split: str = "test"
     model: str | None = None
+    device: str = "auto"  # resolved by each process for itself (core.devices): auto is CUDA where there is one
+    client_cpus: float = 1.0  # Ray CPUs per client actor (the simulation backend)
+    client_gpus: float = 0.0  # Ray GPUs per client actor, fractional (0.25: four clients share a GPU)
     seed: int = 0
     out: str = ""
     wait_for_nodes_s: float = 60.0
@@ -234,6 +238,10 @@ class RunConfig:
         _choice("partitioner", self.partitioner, partitioner_names())
         _at_least("shard-classes", self.shard_classes, 1)
         _at_least("client-eval-every", self.client_eval_every, 0)
+        if device_problem(self.device):  # the spelling only: whether this machine has it is the preflight's question
+            raise ConfigError(device_problem(self.device))
+        _positive("client-cpus", self.client_cpus)  # Flower divides a node's CPUs by it
+        _range("client-gpus", self.client_gpus, 0.0, math.inf, high_open=True)
         _positive("dirichlet-alpha", self.dirichlet_alpha)
         for name in ("precond-probes", "warmup-batches", "local-epochs", "batch-size", "rounds"):
             _at_least(name, getattr(self, name.replace("-", "_")), 1)

@@ -12,6 +12,8 @@ from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+from flwr_scaling.core.devices import cuda_available, unavailable
+from flwr_scaling.errors import ConfigError
 from flwr_scaling.protocol.flower_adapter import simulation_delivery
 from flwr_scaling.run.checkpoint import Checkpoint
 from flwr_scaling.run.config import RunConfig, check_data_fits
@@ -156,11 +158,32 @@ def _without_known_notices() -> Iterator[None]:
         flower_logger.removeFilter(notices)
 
 
+def check_device(cfg: RunConfig) -> None:
+    """ConfigError (one line) when this machine lacks the device ``cfg`` names (``auto`` never fails)."""
+    problem = unavailable(cfg.device)
+    if problem:
+        raise ConfigError(problem)
+
+
+def check_ray_resources(cfg: RunConfig, *, cluster: bool) -> None:
+    """ConfigError (one line) when the client actors cannot get what ``cfg`` asks of Ray: ``client-gpus > 0``
+    on a machine without CUDA, or ``device cuda`` for clients that Ray gives no GPU. ``cluster``: the
+    actors run on a Ray cluster this process is attached to, whose GPUs this machine cannot see."""
+    if cfg.client_gpus > 0 and not cluster and not cuda_available():
+        raise ConfigError(f"client-gpus {cfg.client_gpus:g}: this machine has no CUDA GPU for Ray to share among "
+                          f"the clients; leave client-gpus at 0 (or attach to a GPU cluster with --ray-address)")
+    if cfg.device.startswith("cuda") and cfg.client_gpus == 0:
+        raise ConfigError(f"device {cfg.device} with the simulation backend needs --client-gpus > 0 (e.g. 0.25: four "
+                          f"clients share a GPU): Ray lets a client actor that asks for no GPU see none; "
+                          f"or use --backend inprocess")
+
+
 def preflight(cfg: RunConfig) -> None:
-    """Everything that can fail cheaply, before Ray starts: options, data, partitions."""
+    """Everything that can fail cheaply, before Ray starts: options, device, data, partitions."""
     from flwr_scaling.clients.logic import client_partition
 
     cfg.validate()
+    check_device(cfg)
     check_data_fits(cfg, load_federated_data(cfg.data_spec()))  # e.g. images too small for the model
     # Cutting partition 0 checks every client's: the Dirichlet partitioner assigns
     # all rows at the first request and fails unless every client gets
@@ -185,15 +208,15 @@ def quiet_flower(verbose: bool) -> None:
     logging.getLogger("flwr").setLevel(level)
 
 
-CLIENT_CPUS = 1  # Ray CPUs per client actor: as many actors as cores, one thread each
-
-
-def backend_config(verbose: bool = False) -> dict:
-    """Flower's Ray backend settings: ``CLIENT_CPUS`` per actor (so ``cores / CLIENT_CPUS`` actors), quiet Ray."""
-    # One thread per client actor: two actors on two cores beat two actors
-    # fighting over four threads, and tiny models gain nothing from more.
+def backend_config(cfg: RunConfig, verbose: bool = False) -> dict:
+    """Flower's Ray backend settings: ``client-cpus`` and ``client-gpus`` per client actor
+    (so ``min(cores / client-cpus, GPUs / client-gpus)`` actors at once), quiet Ray."""
+    # client-cpus defaults to 1, one thread per client actor: two actors on two cores beat
+    # two actors fighting over four threads, and tiny models gain nothing from more.
+    # Ray hides the GPUs from an actor that asks for none (CUDA_VISIBLE_DEVICES=""),
+    # so a client trains on a GPU only with client-gpus > 0.
     return {
-        "client_resources": {"num_cpus": CLIENT_CPUS, "num_gpus": 0.0},
+        "client_resources": {"num_cpus": cfg.client_cpus, "num_gpus": cfg.client_gpus},
         "init_args": {
             "logging_level": logging.INFO if verbose else logging.ERROR,
             "log_to_driver": verbose,
@@ -212,6 +235,7 @@ def simulate(
     With ``resume``, the run continues after the checkpoint's last round and
     keeps the folder's files.
     """
+    import ray
     from flwr.simulation import run_simulation
 
     from flwr_scaling.clients import app as default_client_app
@@ -220,6 +244,8 @@ def simulate(
     from flwr_scaling.server_app import make_server_app
 
     cfg = config.resolved()
+    check_device(cfg)  # before the Ray check: "no CUDA here" is the first thing to fix
+    check_ray_resources(cfg, cluster=ray.is_initialized())  # initialised: attached to a cluster (--ray-address)
     prepare_output(cfg, resume)
     out = Path(cfg.out)
     quiet_flower(verbose)
@@ -230,7 +256,7 @@ def simulate(
             server_app=make_server_app(cfg, resume),
             client_app=client_app,
             num_supernodes=cfg.num_clients,
-            backend_config=backend_config(verbose),
+            backend_config=backend_config(cfg, verbose),
         )
     metrics = out / "metrics.csv"
     rows = read_metrics(metrics) if metrics.exists() else []
