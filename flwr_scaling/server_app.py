@@ -28,6 +28,7 @@ from flwr_scaling.core.seeding import derived_seed, initial_model
 from flwr_scaling.strategies import Savic
 from flwr_scaling.strategies.fedopt import ServerOptimizer
 from flwr_scaling.strategies.screening import ReplyScreen
+from flwr_scaling.strategies.sampling import NodeSampler, assign_ranks
 from flwr_scaling.core.rules import get_rule
 from flwr_scaling.data.federated import partition_indices
 from flwr_scaling.core.local_sgd import evaluate
@@ -52,11 +53,14 @@ def make_strategy(cfg: RunConfig, example_bounds: Mapping[int, int] | None = Non
     configuration's (``screen-factor``, ``max-num-examples``, ``aggregation``,
     ``trim-fraction``).
     """
+    # Samples among the connected nodes: a missing node costs one wait (wait-for-nodes-s), not one per round.
+    sampler = NodeSampler(seed=derived_seed(cfg.seed, 0x5A), node_order=runtime.pop("node_order", None),
+                          wait_s=cfg.wait_for_nodes_s, state=runtime.pop("sampler_state", None),
+                          min_available=cfg.min_available_clients)
     common = dict(
         min_successful_clients=cfg.min_successful_clients,
-        sampling_seed=derived_seed(cfg.seed, 0x5A),
+        sampler=sampler,
         client_eval_every=cfg.client_eval_every,
-        node_wait_s=cfg.wait_for_nodes_s,
         fraction_train=cfg.clients_per_round / cfg.num_clients,
         fraction_evaluate=0.0,
         min_train_nodes=cfg.clients_per_round,
@@ -128,26 +132,30 @@ def settled_node_count(grid: Grid, timeout_s: float, settle_s: float = NODE_SETT
 
 
 def describe_nodes(grid: Grid, config: dict, timeout_s: float) -> dict[int, int]:
-    """Every node's partition id, so that nodes are ranked the same in every run.
+    """A distinct rank for every node, so that nodes are ranked the same in every run.
 
-    In ``simulate`` the grid knows them (``node_partitions``: the ``partition-id``
-    the runtime put in each node's config, which is what a node would answer);
-    elsewhere every node is asked, all queries sent at once.
+    A node's rank is the ``partition-id`` it was started with. In ``simulate``
+    the grid knows them (``node_partitions``: the ``partition-id`` the runtime
+    put in each node's config, which is what a node would answer); elsewhere
+    every node is asked, all queries sent at once. A node that names none (a
+    device with its own data and no ``partition-id``), does not answer, or
+    names one another node holds gets the next free rank (``assign_ranks``,
+    which logs every collision).
     """
     nodes = sorted(grid.get_node_ids())
     known = getattr(grid, "node_partitions", None)
     partitions = known(timeout_s) if callable(known) else None
     if partitions is not None and all(node in partitions for node in nodes):
-        return {node: partitions[node] for node in nodes}
+        return assign_ranks({node: partitions[node] for node in nodes})
     content = RecordDict({"config": ConfigRecord(config)})
     queries = [Message(content=content, message_type=NODE_INFO_MESSAGE_TYPE, dst_node_id=node) for node in nodes]
-    order = {}
+    reported: dict[int, int | None] = dict.fromkeys(nodes)
     for reply in grid.send_and_receive(messages=queries, timeout=timeout_s):
         if not reply.has_error() and "metrics" in reply.content.metric_records:
             partition = reply.content["metrics"].get("partition-id")
             if isinstance(partition, int):
-                order[reply.metadata.src_node_id] = partition
-    return order
+                reported[reply.metadata.src_node_id] = partition
+    return assign_ranks(reported)
 
 
 def run_server(grid: Grid, config: RunConfig, resume: Checkpoint | None = None, *,

@@ -266,7 +266,7 @@ def test_dataset_sizes_match_scikit_learn():
 def test_every_option_is_checked():
     # A field added without a check would pass any value; these are the checked ones.
     bad = {"precond_probes": 0, "warmup_batches": 0, "local_epochs": 0, "batch_size": 0, "rounds": 0, "num_clients": 0,
-           "clients_per_round": 0, "seed": -1, "min_successful_clients": 0, "checkpoint_every": -1, "lr": 0.0,
+           "clients_per_round": 0, "seed": -1, "min_successful_clients": 0, "min_available_clients": 0, "checkpoint_every": -1, "lr": 0.0,
            "server_lr": 0.0, "precond_alpha": 0.0, "precond_beta": 1.0, "adam_beta1": 1.0, "momentum": 1.0,
            "dirichlet_alpha": 0.0, "wait_for_nodes_s": 0.0, "strategy": "x", "precond": "x", "precond_mode": "x",
            "precond_init": "x", "dataset": "x", "eval_split": "x", "model": "x", "out": "\0", "label_column": "",

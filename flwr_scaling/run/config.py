@@ -99,6 +99,7 @@ class RunConfig:
     out: str = ""
     wait_for_nodes_s: float = 60.0
     min_successful_clients: int = 1
+    min_available_clients: int = 1
     checkpoint_every: int = 1
     client_eval_every: int = 0
     input_shape: str = ""
@@ -268,6 +269,11 @@ class RunConfig:
             raise ConfigError(
                 f"min-successful-clients ({self.min_successful_clients}) cannot exceed the clients per round "
                 f"({self.clients_per_round or self.num_clients}): no round could succeed"
+            )
+        _at_least("min-available-clients", self.min_available_clients, 1)
+        if self.min_available_clients > self.num_clients:
+            raise ConfigError(
+                f"min-available-clients ({self.min_available_clients}) cannot exceed num-clients ({self.num_clients})"
             )
         _at_least("checkpoint-every", self.checkpoint_every, 0)
         _range("screen-factor", self.screen_factor, 0.0, math.inf, high_open=True)
