@@ -64,8 +64,11 @@ DESCRIPTIONS = {
                    "> 0 needs CUDA",
     "seed": "seed of every random choice (split, partition, init, batches, probes, sampling)",
     "out": "output folder",
-    "wait_for_nodes_s": "how long the server waits for num-clients nodes before it gives up",
+    "wait_for_nodes_s": "how long the server waits for num-clients nodes before it gives up; in a round, how long "
+                        "it waits (once) for a node that dropped out",
     "min_successful_clients": "a round with fewer accepted replies changes nothing and is recorded as failed",
+    "min_available_clients": "fewest connected nodes a round goes on with; a round waits for a missing node "
+                             "at most wait-for-nodes-s, once per departure, then samples among the connected ones",
     "checkpoint_every": "write a checkpoint every K rounds (0: never)",
     "input_shape": "flat csv/parquet features reshaped to this image shape, e.g. 1x8x8 (product = feature count), "
                    "so the cnn can train on them",

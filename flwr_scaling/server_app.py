@@ -29,6 +29,7 @@ from flwr_scaling.strategies import Savic
 from flwr_scaling.strategies.fedopt import ServerOptimizer
 from flwr_scaling.strategies.screening import ReplyScreen
 from flwr_scaling.strategies.sampling import NodeSampler, assign_ranks
+from flwr_scaling.clients.logic import model_keys
 from flwr_scaling.core.rules import get_rule
 from flwr_scaling.data.federated import partition_indices
 from flwr_scaling.core.local_sgd import evaluate
@@ -179,7 +180,9 @@ def run_server(grid: Grid, config: RunConfig, resume: Checkpoint | None = None, 
     data = load_federated_data(cfg.data_spec())
     model = initial_model(cfg.model, data.input_shape, data.num_classes, cfg.seed).to(device)
     test_x, test_y = (tensor.to(device) for tensor in data.test.tensors())
-    runtime = {"node_order": describe_nodes(grid, flower_config, cfg.wait_for_nodes_s)}
+    # The clients build the model from these, so a device needs only its own data, not the run's dataset.
+    client_config = {**flower_config, **model_keys(tuple(data.input_shape), data.num_classes)}
+    runtime = {"node_order": describe_nodes(grid, client_config, cfg.wait_for_nodes_s)}
     recorder = RunRecorder(cfg.out, flower_config, cfg.label())
     done = 0
     initial = torch_to_numpy(model.state_dict())
@@ -224,8 +227,8 @@ def run_server(grid: Grid, config: RunConfig, resume: Checkpoint | None = None, 
             grid=grid,
             initial_arrays=numpy_to_record(initial),
             num_rounds=cfg.rounds - done,
-            train_config=ConfigRecord(flower_config),
-            evaluate_config=ConfigRecord(flower_config),
+            train_config=ConfigRecord(client_config),
+            evaluate_config=ConfigRecord(client_config),
             evaluate_fn=evaluate_fn,
         )
     return strategy

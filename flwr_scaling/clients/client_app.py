@@ -29,7 +29,7 @@ from flwr_scaling.protocol.wire import MODEL_VERSION_KEY, SCALE_SUFFIX, VERSION_
 from flwr_scaling.run.config import ConfigError, RunConfig
 from flwr_scaling.core.local_sgd import evaluate as evaluate_model
 from flwr_scaling.clients import node_data
-from flwr_scaling.clients.logic import loaded_model, local_round, local_statistic
+from flwr_scaling.clients.logic import MODEL_KEYS, ModelShape, loaded_model, local_round, local_statistic, model_shape
 
 app = ClientApp()
 
@@ -50,8 +50,14 @@ class MissingStateError(Exception):
 
 
 def _config(message: Message) -> RunConfig:
-    values = {k: v for k, v in message.content["config"].items() if k not in ROUND_KEYS}
-    return RunConfig.from_mapping(values).resolved()
+    values = {k: v for k, v in message.content["config"].items() if k not in ROUND_KEYS and k not in MODEL_KEYS}
+    # The run's dataset files are the server's: a device holds only its own data.
+    return RunConfig.from_mapping(values).resolved(check_files=False)
+
+
+def _model_shape(message: Message) -> ModelShape | None:
+    """The model's input shape and classes as the server sent them (``None``: load the run's dataset)."""
+    return model_shape(message.content["config"])
 
 
 def round_state(content: RecordDict, context: Context, dtype: str) -> dict | None:
@@ -114,7 +120,7 @@ def round_model(content: RecordDict, context: Context) -> dict:
 
 def _partition_id(context: Context, cfg: RunConfig) -> int:
     """This node's rank and seed (see ``node_data``: a demo partition or the node's own file)."""
-    return node_data.node_key(context.node_config, cfg)
+    return node_data.node_key(context.node_config, cfg, context.node_id)
 
 
 @app.train()
@@ -129,13 +135,15 @@ def train(message: Message, context: Context) -> Message:
     except MissingStateError as problem:
         # An error reply, not an exception: the server counts it as failed and resends the state.
         return Message(Error(code=MISSING_STATE_ERROR, reason=str(problem)), reply_to=message)
+    shape = _model_shape(message)
     result = local_round(
         cfg,
-        node_data.train_split(context.node_config, cfg),
+        node_data.train_split(context.node_config, cfg, context.node_id, shape),
         initial,
         state,
         int(content["config"]["server-round"]),
         partition_id,
+        shape,
     )
     reply = RecordDict(
         {
@@ -157,8 +165,9 @@ def precond_stats(message: Message, context: Context) -> Message:
     """
     cfg = _config(message)
     partition_id = _partition_id(context, cfg)
-    split = node_data.train_split(context.node_config, cfg)
-    statistic = local_statistic(cfg, split, record_to_numpy(message.content["arrays"]), partition_id)
+    shape = _model_shape(message)
+    split = node_data.train_split(context.node_config, cfg, context.node_id, shape)
+    statistic = local_statistic(cfg, split, record_to_numpy(message.content["arrays"]), partition_id, shape)
     metrics = MetricRecord({"num-examples": len(split)})
     version = message.content["config"].get(MODEL_VERSION_KEY)
     if version is not None:
@@ -172,9 +181,12 @@ def precond_stats(message: Message, context: Context) -> Message:
 
 @app.query("node_info")
 def node_info(message: Message, context: Context) -> Message:
-    """This node's partition id: lets the server order nodes the same way in every run."""
+    """This node's partition id, if it was started with one: lets the server rank nodes the
+    same way in every run (a node without one is ranked by the server, ``assign_ranks``)."""
     cfg = _config(message)
-    metrics = MetricRecord({"partition-id": _partition_id(context, cfg)})
+    _partition_id(context, cfg)  # a node config that names no data fails here, in one line
+    rank = node_data.reported_rank(context.node_config)
+    metrics = MetricRecord({} if rank is None else {"partition-id": rank})
     return Message(content=RecordDict({"metrics": metrics}), reply_to=message)
 
 
@@ -183,8 +195,9 @@ def evaluate(message: Message, context: Context) -> Message:
     """Loss and accuracy of the global model on this node's held-out data (see client-eval-every)."""
     cfg = _config(message)
     partition_id = _partition_id(context, cfg)
-    split = node_data.eval_split(context.node_config, cfg)
-    model = loaded_model(cfg, record_to_numpy(message.content["arrays"]))
+    shape = _model_shape(message)
+    split = node_data.eval_split(context.node_config, cfg, context.node_id, shape)
+    model = loaded_model(cfg, record_to_numpy(message.content["arrays"]), shape)
     loss, accuracy = evaluate_model(model, *split.tensors())
     metrics = MetricRecord({"num-examples": len(split), "eval_loss": loss, "eval_accuracy": accuracy})
     return Message(content=RecordDict({"metrics": metrics}), reply_to=message)

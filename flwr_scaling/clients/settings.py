@@ -8,7 +8,7 @@ from flwr_scaling.methods import get_method
 
 
 def train_settings(config: RunConfig) -> TrainSettings:
-    cfg = config.resolved()
+    cfg = config.resolved(check_files=False)  # settings only: a device need not hold the run's dataset
     return TrainSettings(
         rule=cfg.precond,
         mode=cfg.precond_mode,

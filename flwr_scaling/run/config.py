@@ -139,11 +139,15 @@ class RunConfig:
         return cls(**kwargs)
 
     # -------------------------------------------------------------- defaults
-    def resolved(self) -> RunConfig:
-        """Fill every ``None`` with its documented default; validate first."""
+    def resolved(self, *, check_files: bool = True) -> RunConfig:
+        """Fill every ``None`` with its documented default; validate first.
+
+        ``check_files=False``: do not look for the dataset's files (a client: a
+        device holds only its own data, not the run's).
+        """
         if self.num_clients == AUTO_CLIENTS:  # no federation counted the nodes: the command line's default
-            return replace(self, num_clients=DEFAULT_NUM_CLIENTS).resolved()
-        self.validate()
+            return replace(self, num_clients=DEFAULT_NUM_CLIENTS).resolved(check_files=check_files)
+        self.validate(check_files=check_files)
         method = get_method(self.strategy)
         precond = self.precond or method.default_precond
         rule = get_rule(precond)
@@ -181,8 +185,8 @@ class RunConfig:
         return method.label(precond or self.precond or method.default_precond, self.precond_mode)
 
     # ------------------------------------------------------------ validation
-    def validate(self) -> None:
-        """Raise ConfigError (one line) on the first bad option."""
+    def validate(self, *, check_files: bool = True) -> None:
+        """Raise ConfigError (one line) on the first bad option (``check_files``: also that the dataset's files can be read)."""
         for field in fields(self):
             _check_type(self.key(field.name), getattr(self, field.name), str(field.type))
         _choice("strategy", self.strategy, METHODS)
@@ -209,7 +213,8 @@ class RunConfig:
         if not self.label_column:
             raise ConfigError("label-column must name a column of the data, got ''")
         try:
-            check_spec(self.dataset, self.test_path)  # the files exist and can be read
+            if check_files:
+                check_spec(self.dataset, self.test_path)  # the files exist and can be read
         except DataError as error:
             raise ConfigError(str(error)) from None
         _choice("eval-split", self.eval_split, EVAL_SPLITS)
