@@ -145,6 +145,24 @@ def build_parser() -> argparse.ArgumentParser:
     report = sub.add_parser("report", help="rebuild the tables and plots of a sweep or a comparison from its results "
                             "(runs nothing)")
     report.add_argument("dir", help="the output folder of a sweep or of compare")
+    report.add_argument("--target", metavar="T", help="accuracy the rounds and MB to target are counted to "
+                        "(one number in (0, 1]). Default: the sweep file's target-accuracy")
+    tune = sub.add_parser("tune", help="choose each method's step sizes on a validation split (grid search over "
+                          "sweep runs); writes [method-options] tables for sweep files", allow_abbrev=False)
+    tune.add_argument("file", help="a sweep file with a [tune] table (see README, Tuning)")
+    tune.add_argument("--out", help="output folder of the tuning sweeps (one per method). Default: OUT/tune, "
+                      "OUT the file's 'out', else runs/<file stem>")
+    tune.add_argument("--write", metavar="FILE", help="TOML file the chosen [method-options] tables are written to. "
+                      "Default: OUT/tuned.toml")
+    _add_backend(tune, default=None)
+    tune.add_argument("--workers", metavar="N", help="run N runs at a time as Ray tasks, as for sweep")
+    tune.add_argument("--ray-address", metavar="ADDR", help=f"run the tuning runs on the {ADDRESS_HELP}")
+    data = sub.add_parser("data", help="download a dataset of the study from its public source and check its "
+                          "SHA256", allow_abbrev=False)
+    data.add_argument("name", help="a9a, mushrooms, mnist-t10k, or all")
+    data.add_argument("--out", default="data", help="folder the files go to (NAME/FILE inside). Default: data")
+    data.add_argument("--mirror", metavar="URL", help="fetch MIRROR/NAME/FILE instead of the public sources "
+                      "(e.g. file:///path/to/copy)")
     return parser
 
 
@@ -188,8 +206,31 @@ def _report(args: argparse.Namespace) -> None:
 
     if not Path(args.dir).is_dir():
         raise ConfigError(f"{args.dir} is not a folder")
-    write_report(args.dir)
+    target = None
+    if args.target is not None:
+        try:
+            target = float(args.target)
+        except ValueError:
+            raise ConfigError(f"--target must be a number in (0, 1], got {args.target!r}") from None
+        if not 0 < target <= 1:
+            raise ConfigError(f"--target must be in (0, 1], got {args.target}")
+    write_report(args.dir, target=target)
     print(f"tables and plots rebuilt in {args.dir}/")
+
+
+def _tune(args: argparse.Namespace) -> None:
+    from flwr_scaling.studies.tune import tune
+
+    parallel = {"workers": args.workers, "ray-address": args.ray_address}
+    written = tune(args.file, args.out, write=args.write, backend=args.backend, parallel=parallel)
+    print(f"chosen step sizes in {written}; include its [method-options] tables in your sweep file")
+
+
+def _data(args: argparse.Namespace) -> None:
+    from flwr_scaling.data.download import download
+
+    files = download(args.name, args.out, mirror=args.mirror)
+    print(f"{len(files)} file(s) in {args.out}/, every sha256 checked")
 
 
 def _deploy_local(args: argparse.Namespace) -> None:
@@ -224,7 +265,8 @@ def _make_node_key(args: argparse.Namespace) -> None:
     print(f"wrote {private} (stays on the device) and {public} (register it on the SuperLink)")
 
 
-COMMANDS = {"make-certs": _make_certs, "make-node-key": _make_node_key, "run": _run, "compare": _compare, "sweep": _sweep, "report": _report, "deploy-local": _deploy_local}
+COMMANDS = {"make-certs": _make_certs, "make-node-key": _make_node_key, "run": _run, "compare": _compare, "sweep": _sweep, "report": _report, "deploy-local": _deploy_local,
+            "tune": _tune, "data": _data}
 
 
 def main(argv: list[str] | None = None) -> None:

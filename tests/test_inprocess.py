@@ -130,8 +130,8 @@ def test_method_options_set_one_method_and_backend_comes_from_the_file(tmp_path)
     "change, message",
     [
         (('backend = "inprocess"', 'backend = "ray"'), 'backend must be one of simulation, inprocess, got "ray"'),
-        (("[method-options.fedavg]", "[method-options.fedprox]"),
-         "[method-options.fedprox] names a method that is not in [grid] method (fedavg, savic-adam-global)"),
+        (("[method-options.fedavg]", "[method-options.fedprx]"),  # not in the grid, and not a method at all
+         "[method-options.fedprx]: unknown configuration 'fedprx'"),
         (("lr = 0.5", "rounds = 3"), "[method-options.fedavg] sets 'rounds', which is also in [base]; keep it in one place"),
         (("lr = 0.5", "precond = \"adam\""), "[method-options.fedavg] cannot set 'precond'"),
         (("lr = 0.5", "lr = -1"), "[method-options.fedavg] lr must be"),

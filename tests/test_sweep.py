@@ -413,8 +413,18 @@ def test_report_values_match_hand_computed_statistics(tmp_path):
     assert float(fedavg["mb_total_mean"]) == pytest.approx(0.8) and float(fedavg["max_gamma_over_alpha"]) == 1.0
 
     markdown = (out / "summary.md").read_text()
-    assert "| fedavg | 0.4 | 3 | 0.609 ± 0.047 | 0.609 ± 0.047 | never (0/3) | - | 0.80 | 1 |" in markdown
-    assert "| savic-adam-global | 0.003 | 3 | 0.891 ± 0.047 | 0.891 ± 0.047 | 3.3 (3/3) | 1.33 | 1.60 | 40 |" in markdown
+    # Tuning score: scale * mean(1 - 0.5**r, r = 1..4) = scale * 0.765625; rounds and MB to 0.8 are medians over
+    # all seeds (fedavg never: "> 4"; savic rounds 4, 3, 3 -> 3, MB 1.6, 1.2, 1.2 -> 1.2).
+    assert float(savic["tuning_score_mean"]) == pytest.approx(0.95 * 0.765625, rel=1e-5)
+    assert (savic["rounds_to_target_median"], fedavg["rounds_to_target_median"]) == ("3", "inf")
+    assert "| method | lr | seeds | final acc | best acc | mean acc over rounds | rounds to 0.8 | MB to 0.8 |" in markdown
+    assert "| fedavg | 0.4 | 3 | 0.609 ± 0.047 | 0.609 ± 0.047 | 0.498 ± 0.038 | > 4 (0/3) | - | 0.80 | 1 |" in markdown
+    assert ("| savic-adam-global | 0.003 | 3 | 0.891 ± 0.047 | 0.891 ± 0.047 | 0.727 ± 0.038 | 3 (3/3) | 1.20 | 1.60 "
+            "| 40 |") in markdown
+    # Paired over seeds: savic − fedavg is 0.3 * 0.765625 in tuning score and 0.3 * 0.9375 in final accuracy
+    # for every seed, so the bootstrap interval is that one value.
+    assert "| - | savic-adam-global vs fedavg | 3 | +0.230 [+0.230, +0.230] | better |" in markdown
+    assert "| - | savic-adam-global vs fedavg | 3 | +0.281 [+0.281, +0.281] | better |" in markdown
     for name in ("accuracy.png", "accuracy_vs_mb.png", "gamma_over_alpha.png"):
         assert (out / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert not (out / "client_worst10.png").exists()  # no run evaluated its clients

@@ -3,7 +3,8 @@
 A sweep file (TOML)::
 
     out = "runs/digits-methods"        # optional; default runs/<file stem>
-    target-accuracy = 0.9              # optional; default 0.9
+    target-accuracy = 0.9              # optional; default 0.9; or per Dirichlet alpha (quoted keys):
+                                       # {"0.1" = 0.8, "0.5" = 0.9, default = 0.9}
     backend = "inprocess"              # optional; default simulation
     workers = 2                        # optional: runs at a time as Ray tasks (parallel.py); also
                                        # cpus-per-run, gpus-per-run, ray-address (an existing cluster)
@@ -15,8 +16,10 @@ A sweep file (TOML)::
     method = ["fedavg", "savic-adam-global"]   # fedavg or savic-<rule>-<mode>
     seed = [0, 1, 2]
 
-    [method-options.fedavg]            # optional; run options for one method (e.g. its tuned lr)
-    lr = 0.4
+    include = "tuned.toml"             # optional: [method-options] tables from other files (a list, or one),
+                                       # relative to this file; this file's own tables override theirs
+    [method-options.fedavg]            # optional; run options for one method (e.g. its tuned lr); a block
+    lr = 0.4                           # for a method not in [grid] method is ignored (with a note)
 
 Everything is validated before the first run starts (``load_sweep``); nothing
 is written here. Each run is named by its grid values
@@ -47,7 +50,10 @@ METHOD_OPTIONS = ("strategy", "precond", "precond-mode")  # what a label sets
 SEED = "seed"
 METHOD_TABLE = "method-options"  # per-method run options, e.g. each method's tuned step size
 PARALLEL_KEYS = ("workers", "cpus-per-run", "gpus-per-run", "ray-address")  # how the runs are spread on Ray
-TOP_LEVEL = ("out", "target-accuracy", "backend", *PARALLEL_KEYS, "base", METHOD_TABLE, "grid")
+TUNE_TABLE = "tune"  # what ``flwr-scaling tune`` reads (studies/tune.py); a sweep ignores it
+INCLUDE = "include"  # files of [method-options] tables (e.g. what flwr-scaling tune wrote), relative to this file
+TOP_LEVEL = ("out", "target-accuracy", "backend", *PARALLEL_KEYS, INCLUDE, "base", METHOD_TABLE, "grid", TUNE_TABLE)
+DEFAULT_KEY = "default"  # in per-alpha targets: the target of an alpha the table does not name
 DEFAULT_TARGET = 0.9
 MAX_NAME = 200  # folder names longer than this are shortened (with a hash, so they stay distinct)
 
@@ -67,11 +73,12 @@ class Sweep:
 
     source: str
     out: Path
-    target: float
+    target: float | dict[str, float]  # one target, or per Dirichlet alpha (keys as value_text: "0.1", "1.0", default)
     grid: dict[str, list[Any]]  # grid key -> values, keys in name order (method first, seed last)
     runs: tuple[SweepRun, ...]  # in run order: seed outermost, so each seed's comparison completes early
     backend: str = "simulation"  # how runs run: Flower's simulation engine or in this process (inprocess.py)
     parallel: ParallelOptions | None = None  # runs as Ray tasks (parallel.py); None: one after another
+    notes: tuple[str, ...] = ()  # what the file holds that this sweep ignores (method-options of other methods)
 
     def to_json(self) -> dict[str, Any]:
         """The plan as written to ``sweep.json``: what the report needs without reading the sweep file."""
@@ -115,9 +122,7 @@ def load_sweep(path: str | Path, out: str | Path | None = None, parallel: Mappin
     except ConfigError as problem:
         raise error(str(problem)) from None
 
-    target = raw.get("target-accuracy", DEFAULT_TARGET)
-    if isinstance(target, bool) or not isinstance(target, (int, float)) or not 0 < target <= 1:
-        raise error(f"target-accuracy must be a number in (0, 1], got {target!r}")
+    target = _target(raw.get("target-accuracy", DEFAULT_TARGET), error)
 
     base = raw.get("base", {})
     if not isinstance(base, dict):
@@ -180,7 +185,8 @@ def load_sweep(path: str | Path, out: str | Path | None = None, parallel: Mappin
             if key in grid:
                 raise error(f"[grid] method sets strategy, precond and precond-mode; remove {key!r} from [grid]")
 
-    per_method = _method_table(raw.get(METHOD_TABLE, {}), grid, base, error)
+    notes: list[str] = []
+    per_method = _method_table(_with_included(raw, Path(where), error), grid, base, error, notes)
 
     order = sorted(grid, key=lambda k: (k != METHOD, k == SEED, k))  # name order: method, others A-Z, seed
     grid = {key: grid[key] for key in order}
@@ -207,13 +213,76 @@ def load_sweep(path: str | Path, out: str | Path | None = None, parallel: Mappin
             preflight(config)
         except (ValueError, OSError) as problem:  # ConfigError included; OSError: data that cannot be read
             raise error(f"run {name}: {first_line(problem)}") from None
+        if isinstance(target, dict) and DEFAULT_KEY not in target and value_text(config.dirichlet_alpha) not in target:
+            raise error(f"target-accuracy names no target for dirichlet-alpha {value_text(config.dirichlet_alpha)} "
+                        f"(run {name}); add \"{value_text(config.dirichlet_alpha)}\" = T or default = T")
         runs.append(SweepRun(name, values, config))
-    return Sweep(where, Path(folder), float(target), grid, tuple(runs), backend, spread)
+    return Sweep(where, Path(folder), target, grid, tuple(runs), backend, spread, tuple(notes))
+
+
+def _with_included(raw: Mapping[str, Any], path: Path, error: Callable[[str], ConfigError]) -> Any:
+    """The ``[method-options]`` tables of the ``include`` files, then the file's own (key by key on top)."""
+    files = raw.get(INCLUDE, [])
+    files = [files] if isinstance(files, str) else files
+    own = raw.get(METHOD_TABLE, {})
+    if not isinstance(files, list) or not all(isinstance(f, str) and f.strip() for f in files):
+        raise error(f"{INCLUDE} must be a file name or a list of them, got {_toml(files)}")
+    if not files or not isinstance(own, dict):
+        return own
+    merged: dict[str, dict[str, Any]] = {}
+    for name in files:
+        included = read_toml(str(path.parent / name), f"{INCLUDE} file")
+        extra = [key for key in included if key != METHOD_TABLE]
+        if extra:
+            raise error(f"{INCLUDE} file {name!r} may hold only [{METHOD_TABLE}.<method>] tables, not {extra[0]!r}")
+        tables = included.get(METHOD_TABLE, {})
+        if not isinstance(tables, dict) or not all(isinstance(t, dict) for t in tables.values()):
+            raise error(f"{INCLUDE} file {name!r}: {METHOD_TABLE} must be tables such as [{METHOD_TABLE}.fedavg]")
+        for label, options in tables.items():
+            merged.setdefault(label, {}).update(options)
+    for label, options in own.items():
+        merged[label] = {**merged.get(label, {}), **options} if isinstance(options, dict) else options
+    return merged
+
+
+def _target(value: Any, error: Callable[[str], ConfigError]) -> float | dict[str, float]:
+    """``target-accuracy``: a number in (0, 1], or a table Dirichlet alpha -> number (keys quoted: "0.1")."""
+    def number(text: str, target: Any) -> float:
+        if isinstance(target, bool) or not isinstance(target, (int, float)) or not 0 < target <= 1:
+            raise error(f"target-accuracy{text} must be a number in (0, 1], got {_toml(target)}")
+        return float(target)
+
+    if not isinstance(value, dict):
+        return number("", value)
+    if not value:
+        raise error("target-accuracy is an empty table; give a number, or targets per alpha such as "
+                    "{\"0.1\" = 0.8, \"0.5\" = 0.9}")
+    targets = {}
+    for key, target in value.items():
+        if isinstance(target, dict):  # TOML reads {0.1 = 0.8} as the dotted key 0 -> 1
+            raise error(f"target-accuracy: quote each alpha, e.g. {{\"0.1\" = 0.8}}; an unquoted 0.1 is a "
+                        f"dotted key in TOML")
+        if key == DEFAULT_KEY:
+            targets[key] = number(f" {key}", target)
+            continue
+        try:
+            alpha = float(key)
+        except ValueError:
+            raise error(f"target-accuracy keys are Dirichlet alphas (\"0.1\") or default, got {key!r}") from None
+        if not alpha > 0:
+            raise error(f"target-accuracy keys are Dirichlet alphas (> 0), got {key!r}")
+        targets[value_text(alpha)] = number(f" for alpha {key}", target)
+    return targets
 
 
 def _method_table(table: Any, grid: Mapping[str, list[Any]], base: Mapping[str, Any],
-                  error: Callable[[str], ConfigError]) -> dict[str, dict[str, Any]]:
-    """``[method-options.<label>]`` tables: run options for one method of ``[grid] method`` (e.g. its lr)."""
+                  error: Callable[[str], ConfigError], notes: list[str]) -> dict[str, dict[str, Any]]:
+    """``[method-options.<label>]`` tables: run options for one method of ``[grid] method`` (e.g. its lr).
+
+    A table for a method the grid does not run is checked as a label and then
+    ignored, with a line in ``notes`` (so a file of tuned options can be kept
+    whole while the grid runs a subset).
+    """
     if not isinstance(table, dict):
         raise error(f"{METHOD_TABLE} must be tables such as [{METHOD_TABLE}.fedavg], got {_toml(table)}")
     methods = grid.get(METHOD, [])
@@ -221,7 +290,9 @@ def _method_table(table: Any, grid: Mapping[str, list[Any]], base: Mapping[str, 
     for label, options in table.items():
         where = f"[{METHOD_TABLE}.{label}]"
         if label not in methods:
-            raise error(f"{where} names a method that is not in [grid] method ({', '.join(map(str, methods)) or 'none'})")
+            _method_options(label, where, error)
+            notes.append(f"{where} ignored: {label} is not in [grid] method ({', '.join(map(str, methods)) or 'none'})")
+            continue
         if not isinstance(options, dict):
             raise error(f"{where} must be a table of run options, e.g. lr = 0.01, got {_toml(options)}")
         for key in options:

@@ -32,12 +32,16 @@ from flwr_scaling.studies.outcomes import Group, Rows, seed_group_summary
 from flwr_scaling.studies.plan import METHOD, SEED, first_line, run_name, value_text
 from flwr_scaling.studies.plots import plot_accuracy, plot_sweep
 from flwr_scaling.studies.state import METRICS, RUNS, SWEEP_JSON, is_finished
+from flwr_scaling.studies.statistics import honest_summary, paired_section
 
 Summary = list[tuple[Group, dict[str, Any]]]  # each group with its seed_group_summary
 # summary.csv: the statistics after the group's cells and seeds, in this order.
 STATISTICS = ["n_seeds", "final_accuracy_mean", "final_accuracy_std", "best_accuracy_mean", "best_accuracy_std",
               "target_accuracy", "rounds_to_target_mean", "reached_target", "mb_to_target_mean", "mb_total_mean",
-              "max_gamma_over_alpha", "final_gap_mean", "final_gap_std", "final_worst10_mean", "final_worst10_std"]
+              "max_gamma_over_alpha", "final_gap_mean", "final_gap_std", "final_worst10_mean", "final_worst10_std",
+              # statistics.honest_summary: the tuning score, and medians over all seeds (never = inf)
+              "tuning_score_mean", "tuning_score_std", "rounds_to_target_median", "mb_to_target_median"]
+BASELINE = "fedavg"  # what the paired differences compare every method with (else the grid's first method)
 # What decides a run's partition of the data (a partition does not depend on the method).
 COMPARE_JSON = "compare.json"  # a comparison's labels (in order) and target, for report
 PARTITION_KEYS = ("dataset", "test-path", "partitioner", "dirichlet-alpha", "shard-classes", "num-clients",
@@ -50,18 +54,26 @@ def summarise(groups: Sequence[Group], target: float) -> Summary:
     return [(group, seed_group_summary(group.runs, target)) for group in groups]
 
 
-def summary_table(summary: Summary, target: float, *, per_seed: bool) -> list[str]:
+def summary_table(summary: Summary, target: float, *, per_seed: bool, split: str = "test") -> list[str]:
     """The Markdown table of ``summary.md``, one line per group.
 
     ``per_seed=False`` (``compare``): accuracies and the first round reaching
     ``target`` of each single run. ``per_seed=True`` (sweeps): a seeds column,
-    means ± std, rounds to ``target`` with how many seeds reached it, and the
-    optional columns (f − f*, worst clients' accuracy) that every group has.
+    means ± std, the tuning score (mean accuracy over rounds), rounds and MB to
+    ``target`` as medians over all seeds with how many reached it (a group's own
+    ``target_accuracy`` when the sweep sets one per alpha: then a target column),
+    and the optional columns (f − f*, worst clients' accuracy) that every group
+    has. ``split`` ``validation`` labels the accuracies "val acc".
     """
     cells_header = list(summary[0][0].cells) if summary else []
-    reach = f"rounds to {target:g}" if per_seed else f"first round >= {target:g}"
-    header = [*cells_header, *(["seeds"] if per_seed else []), "final acc", "best acc", reach,
-              f"MB to {target:g}", "MB total", "max Γ/α"]
+    acc = "val acc" if split == "validation" else "acc"
+    targets = {stats.get("target_accuracy", target) for _, stats in summary}
+    several = per_seed and len(targets) > 1
+    shown = "target" if several else f"{target:g}"
+    reach = f"rounds to {shown}" if per_seed else f"first round >= {target:g}"
+    header = [*cells_header, *(["seeds"] if per_seed else []), *(["target"] if several else []), f"final {acc}",
+              f"best {acc}", *([f"mean {acc} over rounds"] if per_seed else []), reach,
+              f"MB to {shown}", "MB total", "max Γ/α"]
     extras = [(key, title) for key, title in (("final_gap", "final f − f*"), ("final_worst10", "final worst-10 % client acc"))
               if per_seed and all(stats[f"{key}_mean"] is not None for _, stats in summary)]
     header += [title for _, title in extras]
@@ -69,14 +81,18 @@ def summary_table(summary: Summary, target: float, *, per_seed: bool) -> list[st
     for group, stats in summary:
         n, reached = stats["n_seeds"], stats["reached_target"]
         if per_seed:
-            rounds_text = ("never" if not reached else _fixed(stats["rounds_to_target_mean"], 1)) + f" ({reached}/{n})"
+            rounds_text = stats["reach_text"]
+            megabytes = stats["mb_to_target_median"]
         else:
             rounds_text = "never" if not reached else str(int(stats["rounds_to_target_mean"]))
+            megabytes = math.inf if stats["mb_to_target_mean"] is None else stats["mb_to_target_mean"]
         cells = [*group.cells.values(), *([str(n)] if per_seed else []),
+                 *([f"{stats['target_accuracy']:g}"] if several else []),
                  _pm(stats["final_accuracy_mean"], stats["final_accuracy_std"]),
                  _pm(stats["best_accuracy_mean"], stats["best_accuracy_std"]),
+                 *([_pm(stats["tuning_score_mean"], stats["tuning_score_std"])] if per_seed else []),
                  rounds_text,
-                 "-" if stats["mb_to_target_mean"] is None else _fixed(stats["mb_to_target_mean"], 2),
+                 "-" if math.isinf(megabytes) else _fixed(megabytes, 2),
                  _fixed(stats["mb_total_mean"], 2),
                  f"{stats['max_gamma_over_alpha']:.3g}"]
         for key, _ in extras:
@@ -88,10 +104,10 @@ def summary_table(summary: Summary, target: float, *, per_seed: bool) -> list[st
 
 
 def write_summary(out: Path, title: str, summary: Summary, target: float, *, per_seed: bool,
-                  context: str = "", notes: Sequence[str] = ()) -> None:
+                  context: str = "", notes: Sequence[str] = (), split: str = "test") -> None:
     """``summary.md``: the title, the shared setting (``context``), the table, then each note as a paragraph."""
     lines = [f"# {title}", ""] + ([context, ""] if context else [])
-    lines += summary_table(summary, target, per_seed=per_seed)
+    lines += summary_table(summary, target, per_seed=per_seed, split=split)
     for note in notes:
         lines += ["", note]
     write_atomic(out / "summary.md", "\n".join(lines) + "\n")
@@ -199,17 +215,23 @@ def _compare_plan(out: Path) -> tuple[list[str], float]:
 
 
 # ------------------------------------------------------------------- sweeps
-def write_sweep_report(out_dir: str | Path) -> None:
+def write_sweep_report(out_dir: str | Path, target: float | None = None) -> None:
     """Tables and plots of the finished runs in the sweep folder ``out_dir``. Only reads; never runs anything.
 
     Writes (atomically) ``results.csv`` (one row per run and round: the grid
     values, then every metrics.csv column), ``summary.csv`` and ``summary.md``
-    (one row per group of runs that differ only in their seed) and
+    (one row per group of runs that differ only in their seed; with several
+    methods run on the same seeds, their paired differences from the baseline
+    with bootstrap intervals, ``statistics.py``) and
     ``accuracy.png``, ``accuracy_vs_mb.png``, ``gamma_over_alpha.png``. The
     tables depend on the run files alone: regenerating them gives the same bytes.
+    ``target``: one target accuracy for every group instead of the sweep file's (``report --target``).
     """
     out = Path(out_dir)
-    name, target, grid, runs = _read_plan(out)
+    name, planned, grid, runs = _read_plan(out)
+    per_alpha = {} if target is not None or not isinstance(planned, dict) else planned
+    if target is None:  # the file's: one number, or per alpha (then the fallback for an alpha it does not name)
+        target = planned if isinstance(planned, float) else planned.get("default", min(planned.values()))
     done = [is_finished(out / RUNS / run["name"], run["config"]) for run in runs]
     finished = [run for run, ok in zip(runs, done) if ok]
     missing = [run["name"] for run, ok in zip(runs, done) if not ok]
@@ -219,35 +241,69 @@ def write_sweep_report(out_dir: str | Path) -> None:
     _write_results(out, list(grid), finished)
 
     group_keys = [key for key in grid if key != SEED]
-    summary = summarise(_seed_groups(finished, rows, grid, group_keys), target)
+    groups = _seed_groups(finished, rows, grid, group_keys)
+
+    def target_of(group: Group) -> float:  # a sweep's per-alpha targets, keyed by the alpha as written (0.1, 1.0)
+        if not per_alpha:
+            return target
+        alpha = (group.values[group_keys.index("dirichlet-alpha")] if "dirichlet-alpha" in group_keys
+                 else finished[0]["config"].get("dirichlet-alpha"))
+        return per_alpha.get(value_text(float(alpha)), per_alpha.get("default", target))
+
+    summary = [(group, {**seed_group_summary(group.runs, target_of(group)),
+                        **honest_summary(group.runs, target_of(group))}) for group in groups]
+    split = "validation" if all(r["config"].get("eval-split") == "validation" for r in finished) else "test"
     seeds_of = {group.label: " ".join(map(str, group.seeds)) for group, _ in summary}
-    csv_rows = [{**group.cells, "seeds": seeds_of[group.label], "target_accuracy": _number(target),
+    csv_rows = [{**group.cells, "seeds": seeds_of[group.label],
                  **{key: _number(value) for key, value in stats.items()}} for group, stats in summary]
     columns = [*(summary[0][0].cells), "seeds", *STATISTICS]
     write_atomic(out / "summary.csv", _csv(columns, csv_rows))
 
     context = _common_context([run["config"] for run in runs])
-    notes = [f"Mean ± sample standard deviation (n − 1) over seeds. Rounds and MB to {target:g}: first round whose "
-             f"test accuracy is >= {target:g}, mean over the seeds that reached it (how many in brackets). MB: bytes "
-             f"sent down and up (10^6). Γ/α: largest precond_max / precond_min over rounds and seeds."]
+    shown = "the target" if per_alpha else f"{target:g}"
+    notes = [f"Accuracy on the {'validation' if split == 'validation' else 'test'} split. Mean ± sample standard "
+             f"deviation (n − 1) over seeds. Mean acc over rounds: the tuning score (rewards speed and the final "
+             f"value). Rounds and MB to {shown}: first round whose accuracy is >= {shown}, median over all seeds, a "
+             f"seed that never reached it counting as more than the rounds run (\"> R\" when the median seed never "
+             f"did; how many reached it in brackets). MB: bytes sent down and up (10^6). Γ/α: largest "
+             f"precond_max / precond_min over rounds and seeds."]
+    notes += _paired_notes(groups, group_keys)
     partitions = _collect_partition_plots(out, finished)
     if partitions:
         notes.append("Label distribution of each client (one heatmap per distinct partition): "
                      + ", ".join(f"[{name}](partitions/{name}.png)" for name in partitions))
     if missing:
         notes.append(f"Not finished ({len(missing)} of {len(runs)} runs): " + ", ".join(missing))
-    write_summary(out, f"Sweep {name}", summary, target, per_seed=True, context=context, notes=notes)
+    write_summary(out, f"Sweep {name}", summary, target, per_seed=True, context=context, notes=notes, split=split)
     plot_sweep(out, name, [group for group, _ in summary], grid[group_keys[0]] if group_keys else [], target, context)
 
 
-def _read_plan(out: Path) -> tuple[str, float, dict[str, list[Any]], list[dict[str, Any]]]:
-    """The sweep's name, target accuracy, grid and planned runs, from its ``sweep.json``."""
+def _paired_notes(groups: Sequence[Group], group_keys: Sequence[str]) -> list[str]:
+    """The paired differences of every method from the baseline, per setting (``statistics.paired_section``)."""
+    if METHOD not in group_keys:
+        return []
+    position = list(group_keys).index(METHOD)
+    methods = [group.values[position] for group in groups]
+    baseline = BASELINE if BASELINE in methods else methods[0]
+    entries = [(", ".join(f"{k}={value_text(v)}" for k, v in zip(group_keys, group.values) if k != METHOD),
+                group.values[position], dict(zip(group.seeds, group.runs))) for group in groups]
+    lines = paired_section(entries, baseline)
+    if not lines:
+        return []
+    return ["\n".join([f"Paired differences from {baseline} over the seeds both ran (same seed: same split, partition "
+                        f"and initial model); mean and percentile bootstrap 95 % interval (10,000 resamples, seed 0). "
+                        f"\"better\"/\"worse\": the interval excludes 0.", *lines])]
+
+
+def _read_plan(out: Path) -> tuple[str, float | dict[str, float], dict[str, list[Any]], list[dict[str, Any]]]:
+    """The sweep's name, target accuracy (or per-alpha targets), grid and planned runs, from its ``sweep.json``."""
     spec_file = out / SWEEP_JSON
     if not spec_file.is_file():
         raise ConfigError(f"{out} is not a sweep folder: {SWEEP_JSON} is missing (run the sweep first)")
     try:
         spec = json.loads(spec_file.read_text(encoding="utf-8"))
-        target = float(spec["target-accuracy"])
+        planned = spec["target-accuracy"]
+        target = ({str(k): float(v) for k, v in planned.items()} if isinstance(planned, dict) else float(planned))
         grid = {key: list(values) for key, values in spec["grid"].items()}
         runs = list(spec["runs"])
         name = str(spec.get("name", out.name))
@@ -288,6 +344,9 @@ def _seed_groups(finished: Sequence[Mapping[str, Any]], rows: Mapping[str, Rows]
         cells = {k: value_text(v) for k, v in zip(group_keys, values)}
         if "lr" not in group_keys:
             cells["lr"] = _number(runs[0]["config"]["lr"])
+        for key, plain in (("server-lr", 1.0), ("server-momentum", 0.0)):  # shown when some run sets them
+            if key not in group_keys and any(float(r["config"].get(key, plain)) != plain for r in finished):
+                cells[key] = _number(runs[0]["config"].get(key, plain))
         groups.append(Group(label, cells, [rows[r["name"]] for r in runs], values,
                             [r["config"]["seed"] for r in runs]))
     return groups

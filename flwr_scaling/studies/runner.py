@@ -92,6 +92,8 @@ def _run_claimed(sweep, runner: Runner, stream: TextIO, overwrite: bool) -> Path
     how = sweep.backend if sweep.parallel is None else "inprocess in Ray tasks"
     say(f"sweep {sweep.source}: {total} runs ({how}), {total - pending} finished already, {pending} to run; "
         f"results in {sweep.out}/")
+    for note in sweep.notes:
+        say(f"note: {note}")
     start = time.perf_counter()
     if sweep.parallel is not None:
         return _run_in_parallel(sweep, finished, say, start)

@@ -142,5 +142,62 @@ def paired_table(comparisons: Sequence[tuple[str, PairedComparison]], quantity: 
     return lines
 
 
+# ------------------------------------------------------------ over metrics rows
+def tuning_score(rows: Sequence[Mapping[str, float]]) -> float:
+    """The tuning score of one run: its mean (test or validation) accuracy over rounds 1..R.
+
+    It rewards speed and the final value alike; ``flwr-scaling tune`` chooses step sizes by it.
+    """
+    return statistics.fmean(float(row["test_accuracy"]) for row in rows)
+
+
+def honest_summary(runs: Sequence[Sequence[Mapping[str, float]]], target: float) -> dict[str, object]:
+    """Per group of seeds: the tuning score (mean ± std over seeds) and rounds and MB to ``target`` as medians over
+    all seeds (a seed that never reached it counts as more than the horizon, resp. infinitely many MB)."""
+    scores = [tuning_score(rows) for rows in runs]
+    firsts = [next((int(r["round"]) for r in rows if r["test_accuracy"] >= target), None) for rows in runs]
+    reach = reach_summary(firsts, min(len(rows) for rows in runs))
+    megabytes = [math.inf if first is None else
+                 sum(r["bytes_down"] + r["bytes_up"] for r in rows if r["round"] <= first) / 1e6
+                 for rows, first in zip(runs, firsts)]
+    return {
+        "target_accuracy": target,
+        "tuning_score_mean": statistics.fmean(scores),
+        "tuning_score_std": statistics.stdev(scores) if len(scores) > 1 else None,
+        "rounds_to_target_median": reach.median,
+        "mb_to_target_median": statistics.median(megabytes),
+        "reach_text": reach.text(),
+    }
+
+
+def paired_section(groups: Sequence[tuple[str, str, Mapping[int, Sequence[Mapping[str, float]]]]],
+                   baseline: str) -> list[str]:
+    """Markdown lines comparing every method with ``baseline`` seed by seed, in each setting, or ``[]``.
+
+    ``groups``: ``(setting, method, {seed: rows})``; a setting is the grid values other than method and seed
+    (``""`` for none). Two quantities: the tuning score and the final accuracy. Empty when no setting has the
+    baseline and another method with a seed in common.
+    """
+    by_setting: dict[str, dict[str, Mapping[int, Sequence[Mapping[str, float]]]]] = {}
+    for setting, method, runs in groups:
+        by_setting.setdefault(setting, {})[method] = runs
+    lines = []
+    for title, measure in (("mean acc over rounds (tuning score)", tuning_score),
+                           ("final acc", lambda rows: float(rows[-1]["test_accuracy"]))):
+        comparisons = []
+        for setting, methods in by_setting.items():
+            if baseline not in methods:
+                continue
+            base = {seed: measure(rows) for seed, rows in methods[baseline].items()}
+            for method, runs in methods.items():
+                if method != baseline and set(runs) & set(base):
+                    comparisons.append((setting, paired_comparison(
+                        method, {seed: measure(rows) for seed, rows in runs.items()}, baseline, base)))
+        if comparisons:
+            lines += ["", *paired_table(comparisons, title)]
+    return lines
+
+
 __all__ = ["ReachSummary", "PairedComparison", "reach_summary", "paired_differences", "bootstrap_interval",
-           "paired_comparison", "paired_table", "RESAMPLES", "LEVEL"]
+           "paired_comparison", "paired_table", "tuning_score", "honest_summary", "paired_section", "RESAMPLES",
+           "LEVEL"]
