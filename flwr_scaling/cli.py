@@ -13,9 +13,11 @@ from flwr_scaling.api import COMPARE_FIXED  # the options compare sets per confi
 from flwr_scaling.run.config import ConfigError, RunConfig, check_output_folder, load_toml
 from flwr_scaling.run.outdir import claim_output
 from flwr_scaling.run.ray_cluster import ADDRESS_HELP
+from flwr_scaling.cli_errors import PREFIX, check_path_arguments, exit_on_failure
 from flwr_scaling.cli_help import compare_labels_help, option_help, option_metavars
 from flwr_scaling.methods import DEFAULT_COMPARE, parse_label  # noqa: F401  (parse_label: tests import it from here)
 
+VERBOSE_HELP = "show the traceback of an error (and, for runs, Flower's and Ray's logs)"
 OVERWRITE_HELP = ("replace the results of another run in the output folder (without it such a folder is refused; "
                   "the old files are kept until the new run has finished a round)")
 
@@ -34,7 +36,7 @@ class OneLineParser(argparse.ArgumentParser):
 
 
 def fail(message: str) -> None:
-    print(f"flwr-scaling: error: {message}", file=sys.stderr)
+    print(PREFIX + message, file=sys.stderr)
     raise SystemExit(2)
 
 
@@ -56,6 +58,11 @@ def _given(args: argparse.Namespace, skip: set[str] = frozenset()) -> dict[str, 
     for name in skip:
         if RunConfig.key(name) in values:
             raise ConfigError(f"option {RunConfig.key(name)!r} in {args.config} is set per configuration here; remove it")
+    if values:
+        try:  # names and types only (cross-option checks come later, with the command line's values): names the file
+            RunConfig.from_mapping(values)
+        except ConfigError as error:
+            raise ConfigError(f"config file {args.config!r}: {error}") from None
     values.update(
         {
             RunConfig.key(f.name): getattr(args, f.name)
@@ -89,13 +96,14 @@ def build_parser() -> argparse.ArgumentParser:
     parser = OneLineParser(prog="flwr-scaling", description="Scaled Local SGD (SAVIC) on Flower's simulation engine.",
                            allow_abbrev=False)
     parser.add_argument("--version", action="version", version=f"%(prog)s {_installed_version()}")
+    parser.add_argument("--verbose", dest="verbose_everywhere", action="store_true", help=VERBOSE_HELP)
     sub = parser.add_subparsers(dest="command", required=True, parser_class=OneLineParser)
     run = sub.add_parser("run", help="run one configuration", allow_abbrev=False)
     run.add_argument("--config", help="TOML file of options (kebab-case keys); command-line options override it")
     run.add_argument("--resume", metavar="DIR", help="continue the run in DIR from its last checkpoint")
     run.add_argument("--overwrite", action="store_true", help=OVERWRITE_HELP)
     _add_run_options(run)
-    run.add_argument("--verbose", action="store_true", help="show Flower's and Ray's logs")
+    run.add_argument("--verbose", action="store_true", help=VERBOSE_HELP)
     _add_backend(run)
     run.add_argument("--ray-address", metavar="ADDR", help=f"with --backend simulation: the {ADDRESS_HELP}")
     compare = sub.add_parser("compare", help="run several configurations on the same partition and seed",
@@ -107,7 +115,7 @@ def build_parser() -> argparse.ArgumentParser:
     compare.add_argument("--target-accuracy", default="0.9", help="accuracy whose first round is reported. Default: 0.9")
     compare.add_argument("--config", help="TOML file of the common options; command-line options override it")
     _add_run_options(compare, skip=COMPARE_FIXED)
-    compare.add_argument("--verbose", action="store_true", help="show Flower's and Ray's logs")
+    compare.add_argument("--verbose", action="store_true", help=VERBOSE_HELP)
     _add_backend(compare)
     sweep = sub.add_parser("sweep", help="run every combination of a grid of options (TOML file), resumably",
                            allow_abbrev=False)
@@ -163,6 +171,9 @@ def build_parser() -> argparse.ArgumentParser:
     data.add_argument("--out", default="data", help="folder the files go to (NAME/FILE inside). Default: data")
     data.add_argument("--mirror", metavar="URL", help="fetch MIRROR/NAME/FILE instead of the public sources "
                       "(e.g. file:///path/to/copy)")
+    for command in sub.choices.values():  # --verbose is accepted by every command, before or after its name
+        if "--verbose" not in command._option_string_actions:
+            command.add_argument("--verbose", action="store_true", help=VERBOSE_HELP)
     return parser
 
 
@@ -203,6 +214,7 @@ def _sweep(args: argparse.Namespace) -> None:
 
 def _report(args: argparse.Namespace) -> None:
     from flwr_scaling.studies.report import write_report
+    from flwr_scaling.studies.state import check_output_files
 
     if not Path(args.dir).is_dir():
         raise ConfigError(f"{args.dir} is not a folder")
@@ -214,6 +226,7 @@ def _report(args: argparse.Namespace) -> None:
             raise ConfigError(f"--target must be a number in (0, 1], got {args.target!r}") from None
         if not 0 < target <= 1:
             raise ConfigError(f"--target must be in (0, 1], got {args.target}")
+    check_output_files(args.dir)  # a folder where a table goes fails now, not after the tables before it
     write_report(args.dir, target=target)
     print(f"tables and plots rebuilt in {args.dir}/")
 
@@ -281,17 +294,23 @@ def main(argv: list[str] | None = None) -> None:
             fail(f"unrecognized arguments: {' '.join(extra)}; compare sets {bad} per configuration: "
                  f"choose them with --configs, or use run {bad}")
         sub.error(f"unrecognized arguments: {' '.join(extra)}")
-    try:
+    # Global and per-command --verbose are the same switch; every failure below is one line (cli_errors).
+    args.verbose = bool(getattr(args, "verbose", False) or args.verbose_everywhere)
+    with exit_on_failure(args.verbose):
+        check_path_arguments(args)
+        _check_run_outputs(args)
         COMMANDS[args.command](args)
-    except KeyboardInterrupt:
-        print("flwr-scaling: interrupted; finished rounds are in the checkpoint (run --resume DIR, or run the sweep again)",
-              file=sys.stderr)
-        raise SystemExit(130) from None
-    except (ConfigError, ValueError, FileNotFoundError) as error:
-        fail(str(error).splitlines()[0] if str(error) else type(error).__name__)
-    except RuntimeError as error:
-        print(f"flwr-scaling: failed: {str(error).splitlines()[0]}", file=sys.stderr)
-        raise SystemExit(1) from None
+
+
+def _check_run_outputs(args: argparse.Namespace) -> None:
+    """A folder where a run writes a file (``OUT/metrics.csv/``) fails now, not after the run's first round."""
+    from flwr_scaling.run.outdir import RUN_OUTPUTS
+    from flwr_scaling.studies.state import REPORT_FILES, check_output_files
+
+    if args.command in ("run", "deploy-local") and (getattr(args, "resume", None) or args.out):
+        check_output_files(getattr(args, "resume", None) or args.out, RUN_OUTPUTS, ())
+    elif args.command == "compare":
+        check_output_files(args.out, REPORT_FILES, ())
 
 
 if __name__ == "__main__":

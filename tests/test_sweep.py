@@ -19,6 +19,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from flwr_scaling.run.checkpoint import Checkpoint, save_checkpoint
@@ -348,7 +349,8 @@ def test_unfinished_run_resumes_from_a_checkpoint_of_the_same_configuration(tmp_
         folder = Path(run_.config.out)
         (folder / DONE).unlink()
         rows = fake_rows(run_.config)[:2]
-        save_checkpoint(folder, Checkpoint(2, config, {}, None, (3, (0,) * 625, None), rows))
+        model = {"w": np.zeros(1, np.float32)}  # a checkpoint without model arrays is refused as damaged
+        save_checkpoint(folder, Checkpoint(2, config, model, None, (3, (0,) * 625, None), rows))
     runner = FakeRunner()
     text = run(path, out, runner)
     assert runner.calls == [same.name, other.name]
