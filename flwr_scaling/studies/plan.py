@@ -220,6 +220,14 @@ def load_sweep(path: str | Path, out: str | Path | None = None, parallel: Mappin
     return Sweep(where, Path(folder), target, grid, tuple(runs), backend, spread, tuple(notes))
 
 
+def target_for(target: float | Mapping[str, float], alpha: Any) -> float:
+    """The target accuracy of runs with Dirichlet ``alpha``: the one target, or the alpha's own, else ``default``
+    (else the smallest: a report of a folder whose targets do not name the alpha)."""
+    if not isinstance(target, Mapping):
+        return float(target)
+    return float(target.get(value_text(float(alpha)), target.get(DEFAULT_KEY, min(target.values()))))
+
+
 def _with_included(raw: Mapping[str, Any], path: Path, error: Callable[[str], ConfigError]) -> Any:
     """The ``[method-options]`` tables of the ``include`` files, then the file's own (key by key on top)."""
     files = raw.get(INCLUDE, [])
@@ -377,4 +385,4 @@ def first_line(problem: BaseException) -> str:
     return text.splitlines()[0] if text else type(problem).__name__
 
 
-__all__ = ["METHOD", "SEED", "Sweep", "SweepRun", "load_sweep", "run_name", "value_text", "first_line"]
+__all__ = ["METHOD", "SEED", "Sweep", "SweepRun", "load_sweep", "run_name", "value_text", "first_line", "target_for"]

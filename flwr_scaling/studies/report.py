@@ -29,19 +29,17 @@ from flwr_scaling.data.partitioners import describe as describe_partition
 from flwr_scaling.run.config import ConfigError, RunConfig
 from flwr_scaling.run.recorder import read_metrics, write_atomic
 from flwr_scaling.studies.outcomes import Group, Rows, seed_group_summary
-from flwr_scaling.studies.plan import METHOD, SEED, first_line, run_name, value_text
+from flwr_scaling.studies.plan import METHOD, SEED, first_line, run_name, target_for, value_text
 from flwr_scaling.studies.plots import plot_accuracy, plot_sweep
 from flwr_scaling.studies.state import METRICS, RUNS, SWEEP_JSON, is_finished
-from flwr_scaling.studies.statistics import honest_summary, paired_section
+from flwr_scaling.studies.statistics import honest_summary, paired_note_of_groups, reading_note
 
 Summary = list[tuple[Group, dict[str, Any]]]  # each group with its seed_group_summary
 # summary.csv: the statistics after the group's cells and seeds, in this order.
 STATISTICS = ["n_seeds", "final_accuracy_mean", "final_accuracy_std", "best_accuracy_mean", "best_accuracy_std",
               "target_accuracy", "rounds_to_target_mean", "reached_target", "mb_to_target_mean", "mb_total_mean",
               "max_gamma_over_alpha", "final_gap_mean", "final_gap_std", "final_worst10_mean", "final_worst10_std",
-              # statistics.honest_summary: the tuning score, and medians over all seeds (never = inf)
               "tuning_score_mean", "tuning_score_std", "rounds_to_target_median", "mb_to_target_median"]
-BASELINE = "fedavg"  # what the paired differences compare every method with (else the grid's first method)
 # What decides a run's partition of the data (a partition does not depend on the method).
 COMPARE_JSON = "compare.json"  # a comparison's labels (in order) and target, for report
 PARTITION_KEYS = ("dataset", "test-path", "partitioner", "dirichlet-alpha", "shard-classes", "num-clients",
@@ -59,11 +57,8 @@ def summary_table(summary: Summary, target: float, *, per_seed: bool, split: str
 
     ``per_seed=False`` (``compare``): accuracies and the first round reaching
     ``target`` of each single run. ``per_seed=True`` (sweeps): a seeds column,
-    means ± std, the tuning score (mean accuracy over rounds), rounds and MB to
-    ``target`` as medians over all seeds with how many reached it (a group's own
-    ``target_accuracy`` when the sweep sets one per alpha: then a target column),
-    and the optional columns (f − f*, worst clients' accuracy) that every group
-    has. ``split`` ``validation`` labels the accuracies "val acc".
+    means ± std, the tuning score, rounds and MB to ``target`` (or each group's own) as medians over all
+    seeds (``statistics.honest_summary``), optional columns (f − f*, worst clients' accuracy); "val acc" for validation.
     """
     cells_header = list(summary[0][0].cells) if summary else []
     acc = "val acc" if split == "validation" else "acc"
@@ -229,9 +224,7 @@ def write_sweep_report(out_dir: str | Path, target: float | None = None) -> None
     """
     out = Path(out_dir)
     name, planned, grid, runs = _read_plan(out)
-    per_alpha = {} if target is not None or not isinstance(planned, dict) else planned
-    if target is None:  # the file's: one number, or per alpha (then the fallback for an alpha it does not name)
-        target = planned if isinstance(planned, float) else planned.get("default", min(planned.values()))
+    planned = planned if target is None else target
     done = [is_finished(out / RUNS / run["name"], run["config"]) for run in runs]
     finished = [run for run, ok in zip(runs, done) if ok]
     missing = [run["name"] for run, ok in zip(runs, done) if not ok]
@@ -242,16 +235,11 @@ def write_sweep_report(out_dir: str | Path, target: float | None = None) -> None
 
     group_keys = [key for key in grid if key != SEED]
     groups = _seed_groups(finished, rows, grid, group_keys)
-
-    def target_of(group: Group) -> float:  # a sweep's per-alpha targets, keyed by the alpha as written (0.1, 1.0)
-        if not per_alpha:
-            return target
-        alpha = (group.values[group_keys.index("dirichlet-alpha")] if "dirichlet-alpha" in group_keys
-                 else finished[0]["config"].get("dirichlet-alpha"))
-        return per_alpha.get(value_text(float(alpha)), per_alpha.get("default", target))
-
-    summary = [(group, {**seed_group_summary(group.runs, target_of(group)),
-                        **honest_summary(group.runs, target_of(group))}) for group in groups]
+    alphas = [g.values[group_keys.index("dirichlet-alpha")] if "dirichlet-alpha" in group_keys
+              else finished[0]["config"].get("dirichlet-alpha", 0.5) for g in groups]  # per-alpha targets
+    targets = [target_for(planned, alpha) for alpha in alphas]
+    target = targets[0]
+    summary = [(g, {**seed_group_summary(g.runs, t), **honest_summary(g.runs, t)}) for g, t in zip(groups, targets)]
     split = "validation" if all(r["config"].get("eval-split") == "validation" for r in finished) else "test"
     seeds_of = {group.label: " ".join(map(str, group.seeds)) for group, _ in summary}
     csv_rows = [{**group.cells, "seeds": seeds_of[group.label],
@@ -260,14 +248,8 @@ def write_sweep_report(out_dir: str | Path, target: float | None = None) -> None
     write_atomic(out / "summary.csv", _csv(columns, csv_rows))
 
     context = _common_context([run["config"] for run in runs])
-    shown = "the target" if per_alpha else f"{target:g}"
-    notes = [f"Accuracy on the {'validation' if split == 'validation' else 'test'} split. Mean ± sample standard "
-             f"deviation (n − 1) over seeds. Mean acc over rounds: the tuning score (rewards speed and the final "
-             f"value). Rounds and MB to {shown}: first round whose accuracy is >= {shown}, median over all seeds, a "
-             f"seed that never reached it counting as more than the rounds run (\"> R\" when the median seed never "
-             f"did; how many reached it in brackets). MB: bytes sent down and up (10^6). Γ/α: largest "
-             f"precond_max / precond_min over rounds and seeds."]
-    notes += _paired_notes(groups, group_keys)
+    notes = [reading_note(split, "the target" if len(set(targets)) > 1 else f"{target:g}")]
+    notes += paired_note_of_groups(groups, group_keys, METHOD)  # each method vs fedavg, paired over seeds
     partitions = _collect_partition_plots(out, finished)
     if partitions:
         notes.append("Label distribution of each client (one heatmap per distinct partition): "
@@ -276,23 +258,6 @@ def write_sweep_report(out_dir: str | Path, target: float | None = None) -> None
         notes.append(f"Not finished ({len(missing)} of {len(runs)} runs): " + ", ".join(missing))
     write_summary(out, f"Sweep {name}", summary, target, per_seed=True, context=context, notes=notes, split=split)
     plot_sweep(out, name, [group for group, _ in summary], grid[group_keys[0]] if group_keys else [], target, context)
-
-
-def _paired_notes(groups: Sequence[Group], group_keys: Sequence[str]) -> list[str]:
-    """The paired differences of every method from the baseline, per setting (``statistics.paired_section``)."""
-    if METHOD not in group_keys:
-        return []
-    position = list(group_keys).index(METHOD)
-    methods = [group.values[position] for group in groups]
-    baseline = BASELINE if BASELINE in methods else methods[0]
-    entries = [(", ".join(f"{k}={value_text(v)}" for k, v in zip(group_keys, group.values) if k != METHOD),
-                group.values[position], dict(zip(group.seeds, group.runs))) for group in groups]
-    lines = paired_section(entries, baseline)
-    if not lines:
-        return []
-    return ["\n".join([f"Paired differences from {baseline} over the seeds both ran (same seed: same split, partition "
-                        f"and initial model); mean and percentile bootstrap 95 % interval (10,000 resamples, seed 0). "
-                        f"\"better\"/\"worse\": the interval excludes 0.", *lines])]
 
 
 def _read_plan(out: Path) -> tuple[str, float | dict[str, float], dict[str, list[Any]], list[dict[str, Any]]]:

@@ -25,8 +25,11 @@ import math
 import statistics
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
+
+from flwr_scaling.studies.plan import value_text
 
 RESAMPLES = 10_000
 LEVEL = 0.95
@@ -198,6 +201,41 @@ def paired_section(groups: Sequence[tuple[str, str, Mapping[int, Sequence[Mappin
     return lines
 
 
+def paired_note(groups: Sequence[tuple[str, str, Mapping[int, Sequence[Mapping[str, float]]]]],
+                baseline: str) -> list[str]:
+    """``paired_section`` with the paragraph that says how to read it, as one note of a report (or none)."""
+    lines = paired_section(groups, baseline)
+    if not lines:
+        return []
+    return ["\n".join([f"Paired differences from {baseline} over the seeds both ran (same seed: same split, partition "
+                       f"and initial model); mean and percentile bootstrap 95 % interval ({RESAMPLES:,} resamples, "
+                       f"seed {BOOTSTRAP_SEED}). \"better\"/\"worse\": the interval excludes 0.", *lines])]
+
+
+def paired_note_of_groups(groups: Sequence[Any], keys: Sequence[str], method_key: str = "method",
+                          preferred: str = "fedavg") -> list[str]:
+    """``paired_note`` for a report's seed groups (``outcomes.Group``: ``values`` in ``keys`` order, ``seeds``,
+    ``runs``): each method against ``preferred`` (else the first method), per setting of the other keys."""
+    if method_key not in keys:
+        return []
+    position = list(keys).index(method_key)
+    methods = [group.values[position] for group in groups]
+    entries = [(", ".join(f"{k}={value_text(v)}" for k, v in zip(keys, g.values) if k != method_key),
+                g.values[position], dict(zip(g.seeds, g.runs))) for g in groups]
+    return paired_note(entries, preferred if preferred in methods else methods[0])
+
+
+def reading_note(split: str, target: str) -> str:
+    """How to read a sweep's summary table: which split, what the columns mean (``target``: "0.9" or "the target")."""
+    return (f"Accuracy on the {split} split. Mean ± sample standard deviation (n − 1) over seeds. Mean acc over "
+            f"rounds: the tuning score (rewards speed and the final value). Rounds and MB to {target}: first round "
+            f"whose accuracy is >= {target}, median over all seeds, a seed that never reached it counting as more "
+            f"than the rounds run (\"> R\" when the median seed never did; how many reached it in brackets). MB: "
+            f"bytes sent down and up (10^6). Γ/α: largest precond_max / precond_min over rounds and seeds.")
+
+
 __all__ = ["ReachSummary", "PairedComparison", "reach_summary", "paired_differences", "bootstrap_interval",
-           "paired_comparison", "paired_table", "tuning_score", "honest_summary", "paired_section", "RESAMPLES",
+           "paired_comparison", "paired_table", "tuning_score", "honest_summary", "paired_section", "paired_note",
+           "paired_note_of_groups", "reading_note",
+           "RESAMPLES",
            "LEVEL"]
