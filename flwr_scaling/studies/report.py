@@ -31,7 +31,7 @@ from flwr_scaling.run.recorder import read_metrics, write_atomic
 from flwr_scaling.studies.outcomes import Group, Rows, seed_group_summary
 from flwr_scaling.studies.plan import METHOD, SEED, first_line, run_name, target_for, value_text
 from flwr_scaling.studies.plots import plot_accuracy, plot_sweep
-from flwr_scaling.studies.state import METRICS, RUNS, SWEEP_JSON, is_finished
+from flwr_scaling.studies.state import METRICS, RUNS, SWEEP_JSON, check_planned_runs, is_finished
 from flwr_scaling.studies.statistics import honest_summary, paired_note_of_groups, reading_note
 
 Summary = list[tuple[Group, dict[str, Any]]]  # each group with its seed_group_summary
@@ -229,7 +229,8 @@ def write_sweep_report(out_dir: str | Path, target: float | None = None) -> None
     finished = [run for run, ok in zip(runs, done) if ok]
     missing = [run["name"] for run, ok in zip(runs, done) if not ok]
     if not finished:
-        raise ConfigError(f"{out}: no finished runs yet (0 of {len(runs)}); nothing to report")
+        raise ConfigError(f"{out}: no finished runs yet (0 of {len(runs)}); nothing to report (a run is finished when "
+                          f"its folder has a DONE marker and a metrics.csv of every round: run the sweep to finish them)")
     rows = {run["name"]: read_metrics(out / RUNS / run["name"] / METRICS) for run in finished}
     _write_results(out, list(grid), finished)
 
@@ -274,6 +275,7 @@ def _read_plan(out: Path) -> tuple[str, float | dict[str, float], dict[str, list
         name = str(spec.get("name", out.name))
     except (ValueError, KeyError, TypeError, AttributeError) as problem:
         raise ConfigError(f"{spec_file} is not a sweep description: {first_line(problem)}") from None
+    check_planned_runs(spec_file, runs, grid)
     return name, target, grid, runs
 
 
