@@ -70,14 +70,18 @@ def toml_value(value) -> str:
 
 def sweep(problem: str, kind: str, note: str, grid: dict, extra_base: dict | None = None) -> str:
     base, target, title = PROBLEMS[problem]
-    options = tuned(problem)
+    # flwr-scaling tune's [method-options] tables (experiments/run_study.sh writes them), else the old tables.
+    included = (HERE / "tuning" / f"{problem}-tuned.toml").is_file()
+    options = {} if included else tuned(problem)
+    source = f"{problem}-tuned.toml (flwr-scaling tune)" if included else f"{problem}.md"
     lines = [f"# {title}: {note}", "# Written by experiments/make_sweeps.py from experiments/tuning/"
-             f"{problem}.md (step sizes chosen on a validation split).",
+             f"{source} (step sizes chosen on a validation split).",
              f'out = "experiments/results/{problem}-{kind}"', f"target-accuracy = {target}", 'backend = "inprocess"',
+             *([f'include = "../tuning/{problem}-tuned.toml"'] if included else []),
              "", "[base]"]
     lines += [f"{key} = {toml_value(value)}" for key, value in {**base, **(extra_base or {})}.items()]
     lines.append("")
-    for method in grid["method"]:
+    for method in grid["method"] if options else []:
         lines += [options[method], ""]
     lines.append("[grid]")
     for key, values in grid.items():
@@ -88,7 +92,7 @@ def sweep(problem: str, kind: str, note: str, grid: dict, extra_base: dict | Non
 def main() -> None:
     folder = HERE / "sweeps"
     for problem in PROBLEMS:
-        if not (HERE / "tuning" / f"{problem}.md").is_file():
+        if not any((HERE / "tuning" / name).is_file() for name in (f"{problem}.md", f"{problem}-tuned.toml")):
             print(f"skipped {problem}: run experiments/tune.py {problem} first")
             continue
         files = {

@@ -180,7 +180,8 @@ def _write_sweep(raw: Mapping[str, Any], label: str, grid: Mapping[str, list[flo
     fixed = {k: v for k, v in raw.get(METHOD_TABLE, {}).get(label, {}).items() if k not in grid}
     others = {k: v for k, v in raw.get("grid", {}).items() if k != METHOD}
     top = {key: raw[key] for key in ("backend", "workers", "cpus-per-run", "gpus-per-run", "ray-address") if key in raw}
-    lines = [f"# Tuning runs of {label}, written by flwr-scaling tune (rerun with flwr-scaling sweep THIS_FILE)"]
+    lines = [f"# Tuning runs of {label}, written by flwr-scaling tune (rerun with flwr-scaling sweep THIS_FILE)",
+             f"out = {_toml(str(folder))}"]
     lines += [f"{key} = {_toml(value)}" for key, value in top.items()]
     lines += ["", "[base]", *(f"{key} = {_toml(value)}" for key, value in base.items())]
     if fixed:
