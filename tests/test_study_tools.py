@@ -89,3 +89,19 @@ def test_a_default_target_covers_the_other_alphas(tmp_path):
     path = tmp_path / "s.toml"
     path.write_text(SWEEP.replace('{"0.1" = 0.5, "0.5" = 0.8}', '{"0.1" = 0.5, default = 0.7}'))
     assert load_sweep(path, tmp_path / "out").target == {"0.1": 0.5, "default": 0.7}
+
+
+def test_cli_report_target_and_tune_errors_are_one_line(tmp_path, capsys):
+    from flwr_scaling.cli import main
+
+    (tmp_path / "sweep").mkdir()
+    for argv, message in (
+        (["report", str(tmp_path / "sweep"), "--target", "1.5"], "--target must be in (0, 1], got 1.5"),
+        (["report", str(tmp_path / "sweep"), "--target", "x"], "--target must be a number in (0, 1], got 'x'"),
+        (["tune", str(tmp_path / "missing.toml")], f"tuning file '{tmp_path / 'missing.toml'}' does not exist"),
+    ):
+        with pytest.raises(SystemExit) as exit_:
+            main(argv)
+        err = capsys.readouterr().err
+        assert exit_.value.code == 2 and len(err.splitlines()) == 1, err
+        assert err.startswith(f"flwr-scaling: error: {message}"), err
