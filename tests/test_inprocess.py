@@ -152,3 +152,15 @@ def test_cli_run_with_the_inprocess_backend(tmp_path, capsys):
           "--out", str(tmp_path / "run")])
     assert "final test accuracy" in capsys.readouterr().out
     assert len(read_metrics(tmp_path / "run" / "metrics.csv")) == 2
+
+
+def test_a_normal_inprocess_run_prints_nothing_on_stderr(tmp_path):
+    # Flower's notices we cannot act on (fraction_evaluate 0 on purpose) are silenced at their source.
+    import subprocess
+    import sys
+
+    proc = subprocess.run([sys.executable, "-m", "flwr_scaling", "run", "--backend", "inprocess", "--rounds", "1",
+                           "--num-clients", "3", "--warmup-batches", "1", "--out", str(tmp_path / "run")],
+                          capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stderr == ""

@@ -144,13 +144,13 @@ def run_inprocess(
     """
     from flwr_scaling.clients import app as default_client_app
     from flwr_scaling.server_app import run_server
-    from flwr_scaling.run.simulation import prepare_output, quiet_flower
+    from flwr_scaling.run.simulation import prepare_output, quiet_flower, without_known_notices
 
     cfg = config.resolved()
     prepare_output(cfg, resume)
     quiet_flower(verbose)
     grid = InProcessGrid(client_app=client_app or default_client_app, num_nodes=cfg.num_clients)
-    with server_identity(), _threads():
+    with server_identity(), _threads(), without_known_notices():
         run_server(grid, cfg, resume)
     metrics = Path(cfg.out) / "metrics.csv"
     rows = read_metrics(metrics) if metrics.exists() else []

@@ -144,8 +144,8 @@ class _DropKnownNotices(logging.Filter):
 
 
 @contextmanager
-def _without_known_notices() -> Iterator[None]:
-    """For one ``run_simulation`` call: silence the notices we cannot act on, at their source."""
+def without_known_notices() -> Iterator[None]:
+    """For one run (``run_simulation`` or the in-process backend): silence the notices we cannot act on, at their source."""
     flower_logger, notices = logging.getLogger("flwr"), _DropKnownNotices()
     flower_logger.addFilter(notices)
     try:
@@ -251,7 +251,7 @@ def simulate(
     quiet_flower(verbose)
     # Ray's workers inherit this process's environment.
     os.environ.setdefault("OMP_NUM_THREADS", "1")
-    with _prompt_delivery(), _without_known_notices():
+    with _prompt_delivery(), without_known_notices():
         run_simulation(
             server_app=make_server_app(cfg, resume),
             client_app=client_app,
