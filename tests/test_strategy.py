@@ -18,9 +18,9 @@ from flwr_scaling.protocol.flower_adapter import InconsistentMessageReplies, tas
 from flwr_scaling.strategies import WARMUP_MESSAGE_TYPE, Savic
 
 try:  # tests/ as a package or as a rootdir-inserted folder
-    from .fakes import f32, FakeGrid, as_numpy, error_reply, record, stats_reply, train_reply
+    from .fakes import flower_warnings_during, f32, FakeGrid, as_numpy, error_reply, record, stats_reply, train_reply
 except ImportError:  # pragma: no cover
-    from fakes import f32, FakeGrid, as_numpy, error_reply, record, stats_reply, train_reply
+    from fakes import flower_warnings_during, f32, FakeGrid, as_numpy, error_reply, record, stats_reply, train_reply
 
 
 SERVER_NODE = 0
@@ -351,16 +351,9 @@ def test_bad_reply_is_rejected_and_counted(kind):
 def test_rejection_is_logged_with_node_and_reason():
     strategy = make(precond="adam", precond_init="warmup")
     messages = configure(strategy, warm_grid(nodes=(A, B, C), extra={C: (WARM_B, 3)}))
-    records: list[logging.LogRecord] = []
-    handler = logging.Handler()
-    handler.emit = records.append  # type: ignore[method-assign]
-    logger = logging.getLogger("flwr")
-    logger.addHandler(handler)
-    try:
-        strategy.aggregate_train(1, good_replies(messages) + [_bad("negative-stats", messages[C])])
-    finally:
-        logger.removeHandler(handler)
-    texts = [r.getMessage() for r in records if r.levelno == logging.WARNING]
+    texts = flower_warnings_during(
+        lambda: strategy.aggregate_train(1, good_replies(messages) + [_bad("negative-stats", messages[C])])
+    )
     assert any(f"node {C}" in t and "negative" in t for t in texts), texts
 
 
