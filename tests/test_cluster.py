@@ -91,7 +91,8 @@ def cluster():
     # Short paths: Ray's Unix sockets live under the temp dir (about 100 characters at most).
     head_dir, other_dir = (Path(tempfile.mkdtemp(prefix=f"rc{name}", dir="/tmp")) for name in "ab")
     marker = f"FLWR_SCALING_TEST_CLUSTER={uuid.uuid4().hex}"
-    env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0", marker.split("=")[0]: marker.split("=")[1]}
+    env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0", "RAY_worker_niceness": "0",  # as docs/cluster.md
+           marker.split("=")[0]: marker.split("=")[1]}
     env.pop("RAY_ADDRESS", None)
     port = free_port()
     nodes: list[subprocess.Popen] = []

@@ -177,8 +177,11 @@ def _start_ray(options: ParallelOptions) -> tuple[bool, float]:
     if options.ray_address is not None:
         attach(options.ray_address)
         return True, time.perf_counter() - began
+    # Ray runs its workers at niceness 15 (to keep its own processes responsive); here the tasks are the work,
+    # and at 15 they get almost no CPU on a machine that other programs keep busy (measured: --workers 2 was
+    # no faster than 1 at load 9 on 2 cores). A cluster's nodes set this with `RAY_worker_niceness=0 ray start`.
     settings: dict[str, Any] = {"logging_level": logging.ERROR, "log_to_driver": False, "include_dashboard": False,
-                                "object_store_memory": LOCAL_OBJECT_STORE}
+                                "object_store_memory": LOCAL_OBJECT_STORE, "_system_config": {"worker_niceness": 0}}
     if not options.gpus_per_run:  # a GPU sweep lets Ray find the GPUs and the cores
         settings["num_cpus"] = max(1, int(round(options.workers * options.cpus_per_run)))
     try:
