@@ -23,6 +23,7 @@ from flwr_scaling.run.config import AUTO_CLIENTS, ConfigError, RunConfig
 from flwr_scaling.methods import get_method
 from flwr_scaling.data.federated import load_federated_data
 from flwr_scaling.run.objective import optimality_gap
+from flwr_scaling.run.notices import without_known_notices
 from flwr_scaling.run.recorder import RunRecorder
 from flwr_scaling.core.seeding import derived_seed, initial_model
 from flwr_scaling.strategies import Savic
@@ -54,6 +55,12 @@ def make_strategy(cfg: RunConfig, example_bounds: Mapping[int, int] | None = Non
     configuration's (``screen-factor``, ``max-num-examples``, ``aggregation``,
     ``trim-fraction``).
     """
+    # FedAvg's constructor warns that fraction_evaluate is 0: on purpose, the server evaluates centrally.
+    with without_known_notices():
+        return _build_strategy(cfg, example_bounds, **runtime)
+
+
+def _build_strategy(cfg: RunConfig, example_bounds: Mapping[int, int] | None, **runtime) -> Savic | ServerOptimizer:
     # Samples among the connected nodes: a missing node costs one wait (wait-for-nodes-s), not one per round.
     sampler = NodeSampler(seed=derived_seed(cfg.seed, 0x5A), node_order=runtime.pop("node_order", None),
                           wait_s=cfg.wait_for_nodes_s, state=runtime.pop("sampler_state", None),

@@ -144,7 +144,8 @@ def run_inprocess(
     """
     from flwr_scaling.clients import app as default_client_app
     from flwr_scaling.server_app import run_server
-    from flwr_scaling.run.simulation import prepare_output, quiet_flower, without_known_notices
+    from flwr_scaling.run.notices import without_known_notices
+    from flwr_scaling.run.simulation import prepare_output, quiet_flower
 
     cfg = config.resolved()
     prepare_output(cfg, resume)

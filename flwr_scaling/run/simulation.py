@@ -6,7 +6,6 @@ import logging
 import os
 import threading
 import time
-import warnings
 from collections import Counter
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
@@ -16,6 +15,7 @@ from flwr_scaling.core.devices import cuda_available, unavailable
 from flwr_scaling.errors import ConfigError
 from flwr_scaling.protocol.flower_adapter import simulation_delivery
 from flwr_scaling.run.checkpoint import Checkpoint
+from flwr_scaling.run.notices import without_known_notices
 from flwr_scaling.run.config import RunConfig, check_data_fits
 from flwr_scaling.data.federated import load_federated_data
 from flwr_scaling.data.partition_plot import plot_partitions
@@ -129,33 +129,6 @@ def _prompt_delivery() -> Iterator[bool]:
 
     with simulation_delivery(lambda: _extractor(deliveries), prompt) as installed:
         yield installed
-
-
-class _DropKnownNotices(logging.Filter):
-    """Drops the log records of Flower's that say nothing actionable about this project's runs."""
-
-    # run_simulation is the only way to run a ServerApp object in this process
-    # (`flwr run` needs an installed app and a SuperLink); FedAvg warns that
-    # fraction_evaluate is 0, which is on purpose (the server evaluates centrally).
-    KNOWN = ("The `run_simulation` function is deprecated", "fraction_evaluate is set to 0.0")
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        return not any(text in record.getMessage() for text in self.KNOWN)
-
-
-@contextmanager
-def without_known_notices() -> Iterator[None]:
-    """For one run (``run_simulation`` or the in-process backend): silence the notices we cannot act on, at their source."""
-    flower_logger, notices = logging.getLogger("flwr"), _DropKnownNotices()
-    flower_logger.addFilter(notices)
-    try:
-        with warnings.catch_warnings():
-            # Ray's ray.init warns that a future Ray will stop overriding the visible
-            # accelerators when num_gpus is 0; nothing here depends on either behaviour.
-            warnings.filterwarnings("ignore", message="Tip: In future versions of Ray", category=FutureWarning)
-            yield
-    finally:
-        flower_logger.removeFilter(notices)
 
 
 def check_device(cfg: RunConfig) -> None:
