@@ -17,8 +17,7 @@ Each run is a fresh child process (``--child``) calling
 * ``wall_s`` per round from ``metrics.csv``: steady state = median over rounds
   ``--skip + 1`` to the last;
 * start-up: from calling ``simulate`` to the round-0 evaluation (options,
-  data, partition checks, the heatmap, Ray, the actors, the server asking every
-  node for its partition id);
+  data, partition checks, the heatmap, Ray, the actors, the node ranks);
 * the server process's peak resident memory (``ru_maxrss``: the driver holds
   the ServerApp, Flower's in-memory LinkState with one entry per node, and the
   simulation runtime's per-node contexts).
@@ -31,8 +30,9 @@ the honest total), and the peak RSS of the actors alone.
 
 The start-up is also split into its parts: ``prepare_output`` (options,
 data, the partition check, the heatmap), ``wait_for_nodes`` (Ray, the actors
-and the runtime registering every node) and ``describe_nodes`` (the server
-asks every node for its partition id, one message per node). Round 1 holds
+and the runtime registering every node) and ``describe_nodes`` (the node
+ranks: in simulation from the runtime's node -> partition map, no message;
+it used to ask every node, one message per node through Ray). Round 1 holds
 the actors' first train messages and, for logreg, the server's one-off
 solve of f* for the optimality-gap column.
 
@@ -49,6 +49,7 @@ Run (from the repository root; Ray needs a short temporary folder)::
     RAY_TMPDIR=/tmp/raye .venv/bin/python benchmarks/scale.py               # 3 repeats, 15 rounds: ~12 min
     RAY_TMPDIR=/tmp/raye .venv/bin/python benchmarks/scale.py --polling-ab  # also Flower's own polling
     RAY_TMPDIR=/tmp/raye .venv/bin/python benchmarks/scale.py --quick       # 1 repeat, 8 rounds: ~5 min
+    RAY_TMPDIR=/tmp/raye .venv/bin/python benchmarks/scale.py --quick --rounds 4  # mainly the start-up
 """
 
 from __future__ import annotations
@@ -123,7 +124,7 @@ def child(num_clients: int, rounds: int, out: str, flower_polling: bool = False)
         setattr(owner, name, wrapper)
 
     recorder.RunRecorder.initial = timed_initial
-    # The start-up's parts: options, data and partition check, heatmap; Ray, actors and nodes up; one query per node.
+    # The start-up's parts: options, data and partition check, heatmap; Ray, actors and nodes up; node ranks.
     timed(simulation, "prepare_output", "prepare_output")
     timed(server_app, "wait_for_nodes", "wait_for_nodes")
     timed(server_app, "describe_nodes", "describe_nodes")
@@ -318,8 +319,9 @@ def main() -> None:
         ) + " |")
     print()
     print("prepare_output: options, data, the partition check and the heatmap; wait_for_nodes: from the ServerApp's")
-    print("start until the simulation runtime has registered every node; describe_nodes: one query per node for its")
-    print("partition id, through Ray (the first message each actor handles also imports the client code).")
+    print("start until the simulation runtime has registered every node; describe_nodes: the node ranks from the")
+    print("runtime's node -> partition map (no query per node in simulation; the actors then import the client code")
+    print("with their first train message, in round 1).")
     print()
     print(f"Targets: round time and peak memory of 1,000 clients within {TARGET}x of 100 clients.")
 
