@@ -7,7 +7,8 @@ dir's ``ray_current_cluster``). Both run with ``--block`` in their own process
 group and carry a marker in their environment; the fixture stops them by those
 groups and the marker, never with ``ray stop`` (which stops every Ray on the
 machine). Slow: a cluster start, a serial and a parallel sweep of 4 runs x 2
-rounds, and a one-round simulation; about two minutes.
+rounds, a one-round `run --backend simulation` and a one-round `flwr run .`;
+1.5 minutes at load 3.5 on 2 cores, 5 at load 12.
 """
 
 from __future__ import annotations
