@@ -139,7 +139,8 @@ def test_moments_survive_a_checkpoint(name, tmp_path):
     for server_round in (1, 2):
         current, _ = one_round(straight, server_round, current)
     assert ours(name).precond_state is None  # nothing before the first step
-    save_checkpoint(tmp_path, Checkpoint(2, {}, current, straight.precond_state, straight.sampler_state, []))
+    rows = [{"round": 1}, {"round": 2}]  # a checkpoint holds one metrics row per finished round
+    save_checkpoint(tmp_path, Checkpoint(2, {}, current, straight.precond_state, straight.sampler_state, rows))
     saved = load_checkpoint(tmp_path)
     assert sorted(saved.precond_state) == sorted(straight.precond_state)
     resumed = ours(name, precond_state=saved.precond_state, sampler_state=saved.sampler_state, round_offset=2)
