@@ -157,7 +157,27 @@ def resumed_config(folder: str, given: Mapping[str, Any]):
                 f"--{key} {value} differs from the checkpoint's {key} = {kept}; a resumed run keeps its "
                 f"configuration (start a new run in another folder instead)"
             )
-    return replace(saved, out=folder).resolved(), checkpoint
+    resolved = replace(saved, out=folder).resolved()
+    check_model_layout(checkpoint.model, resolved, folder)
+    return resolved, checkpoint
+
+
+def check_model_layout(arrays: Mapping[str, Any], cfg: RunConfig, folder: str) -> None:
+    """ConfigError (one line, before any work) when a checkpoint's model is not the one ``cfg`` builds."""
+    from flwr_scaling.core.models import build_model
+    from flwr_scaling.data.federated import load_federated_data
+
+    data = load_federated_data(cfg.data_spec())
+    expected = {key: tuple(value.shape) for key, value in
+                build_model(cfg.model, data.input_shape, data.num_classes).state_dict().items()}
+    held = {key: tuple(getattr(value, "shape", ())) for key, value in arrays.items()}
+    if held != expected:
+        differing = sorted(set(held) ^ set(expected)) or sorted(k for k in held if held[k] != expected[k])
+        raise ConfigError(
+            f"checkpoint {Path(folder) / 'checkpoint.npz'} holds another model than this run's {cfg.model} "
+            f"(first difference: {differing[0]}); resume it with the configuration it was written with, or start "
+            f"a new run in another folder"
+        )
 
 
 def compare(configs: Sequence[str] | str | None = None, config: RunConfig | Mapping[str, Any] | None = None, *,

@@ -426,3 +426,22 @@ def test_cases_are_many_and_distinct() -> None:
     assert len({case.id for case in CASES}) == len(CASES) >= 60
     assert {case.argv[0] for case in CASES} >= {"run", "compare", "sweep", "report", "deploy-local", "make-certs",
                                                 "make-node-key"}
+
+
+def test_a_checkpoint_of_another_model_is_refused_before_any_work(tmp_path, monkeypatch, capsys):
+    # A checkpoint whose meta is sound but whose arrays belong to another model (here a stand-in
+    # {"w": [0, 0]} where the run's cnn goes): refused in one line naming the file, nothing written.
+    monkeypatch.chdir(tmp_path)
+    folder = tmp_path / "ck"
+    write_checkpoint(folder)
+    before = sorted(path.name for path in folder.iterdir())
+    with pytest.raises(SystemExit) as stop:
+        cli.main(["run", "--resume", str(folder)])
+    assert stop.value.code == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert lines == [
+        f"flwr-scaling: error: checkpoint {folder / CHECKPOINT} holds another model than this run's cnn "
+        "(first difference: classifier.bias); resume it with the configuration it was written with, or start a new "
+        "run in another folder"
+    ]
+    assert sorted(path.name for path in folder.iterdir()) == before
