@@ -266,14 +266,15 @@ def timing_tables(problems: list[str], args, workdir: Path) -> dict:
             rng.shuffle(order)
             for method in order:
                 cfg = RunConfig(
-                    rounds=args.rounds, num_clients=10, out=str(workdir / f"{problem}-{method}"),
+                    rounds=args.rounds, num_clients=10, out=str(workdir / f"{problem}-{method}-repeat{repeat}"),
                     **PROBLEMS[problem], **METHODS[method],
                 )
                 sim = run_simulation(cfg, quiet=not args.verbose)
                 plain = run_plain(cfg)
                 run = {"sim": sim, "serial": plain}
                 if method == "fedavg" and args.polling_ab:
-                    run["flower"] = run_simulation(cfg, quiet=not args.verbose, flower_polling=True)
+                    polling = replace(cfg, out=cfg.out + "-flower-polling")  # a fresh folder: finished runs are never overwritten
+                    run["flower"] = run_simulation(polling, quiet=not args.verbose, flower_polling=True)
                 results.setdefault((problem, method), []).append(run)
                 print(
                     f"  repeat {repeat + 1}/{args.repeats} {problem:6s} {method:18s} "
