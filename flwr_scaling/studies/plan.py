@@ -114,7 +114,7 @@ def load_sweep(path: str | Path, out: str | Path | None = None, parallel: Mappin
 
     folder = raw.get("out", f"runs/{Path(where).stem}")
     if not isinstance(folder, str) or not folder.strip() or "\0" in folder:
-        raise error(f"out must be a folder name (a non-empty string), got {_toml(folder)}")
+        raise error(f"out must be a folder name (a non-empty string), got {toml_value(folder)}")
     if out is not None:
         folder = str(out)
     try:
@@ -144,7 +144,7 @@ def load_sweep(path: str | Path, out: str | Path | None = None, parallel: Mappin
 
     backend = raw.get("backend", "simulation")
     if backend not in BACKENDS:
-        raise error(f"backend must be one of {', '.join(BACKENDS)}, got {_toml(backend)}")
+        raise error(f"backend must be one of {', '.join(BACKENDS)}, got {toml_value(backend)}")
     from_file = {key: raw.get(key) for key in PARALLEL_KEYS}
     spread = parallel_options(*from_file.values(), where=f"{where}: ")
     given = {key: value for key, value in (parallel or {}).items() if value is not None}
@@ -166,7 +166,7 @@ def load_sweep(path: str | Path, out: str | Path | None = None, parallel: Mappin
         if key != METHOD and key not in run_keys:
             raise error(f"[grid] unknown option {key!r}{_suggest(key, [METHOD, *run_keys])}")
         if not isinstance(values, list):
-            raise error(f"[grid] {key} must be a list of values, e.g. {key} = [{_toml(values)}], got {_toml(values)}")
+            raise error(f"[grid] {key} must be a list of values, e.g. {key} = [{toml_value(values)}], got {toml_value(values)}")
         if not values:
             raise error(f"[grid] {key} is an empty list; give at least one value")
         if base_method is not None and key in METHOD_OPTIONS:
@@ -176,7 +176,7 @@ def load_sweep(path: str | Path, out: str | Path | None = None, parallel: Mappin
         coerced = [_grid_value(key, value, error) for value in values]
         for index, value in enumerate(coerced):
             if value in coerced[:index]:
-                raise error(f"[grid] {key} lists {_toml(value)} twice")
+                raise error(f"[grid] {key} lists {toml_value(value)} twice")
         grid[key] = coerced
     if METHOD in grid:
         for key in METHOD_OPTIONS:
@@ -234,7 +234,7 @@ def _with_included(raw: Mapping[str, Any], path: Path, error: Callable[[str], Co
     files = [files] if isinstance(files, str) else files
     own = raw.get(METHOD_TABLE, {})
     if not isinstance(files, list) or not all(isinstance(f, str) and f.strip() for f in files):
-        raise error(f"{INCLUDE} must be a file name or a list of them, got {_toml(files)}")
+        raise error(f"{INCLUDE} must be a file name or a list of them, got {toml_value(files)}")
     if not files or not isinstance(own, dict):
         return own
     merged: dict[str, dict[str, Any]] = {}
@@ -257,7 +257,7 @@ def _target(value: Any, error: Callable[[str], ConfigError]) -> float | dict[str
     """``target-accuracy``: a number in (0, 1], or a table Dirichlet alpha -> number (keys quoted: "0.1")."""
     def number(text: str, target: Any) -> float:
         if isinstance(target, bool) or not isinstance(target, (int, float)) or not 0 < target <= 1:
-            raise error(f"target-accuracy{text} must be a number in (0, 1], got {_toml(target)}")
+            raise error(f"target-accuracy{text} must be a number in (0, 1], got {toml_value(target)}")
         return float(target)
 
     if not isinstance(value, dict):
@@ -292,7 +292,7 @@ def _method_table(table: Any, grid: Mapping[str, list[Any]], base: Mapping[str, 
     whole while the grid runs a subset).
     """
     if not isinstance(table, dict):
-        raise error(f"{METHOD_TABLE} must be tables such as [{METHOD_TABLE}.fedavg], got {_toml(table)}")
+        raise error(f"{METHOD_TABLE} must be tables such as [{METHOD_TABLE}.fedavg], got {toml_value(table)}")
     methods = grid.get(METHOD, [])
     result = {}
     for label, options in table.items():
@@ -302,7 +302,7 @@ def _method_table(table: Any, grid: Mapping[str, list[Any]], base: Mapping[str, 
             notes.append(f"{where} ignored: {label} is not in [grid] method ({', '.join(map(str, methods)) or 'none'})")
             continue
         if not isinstance(options, dict):
-            raise error(f"{where} must be a table of run options, e.g. lr = 0.01, got {_toml(options)}")
+            raise error(f"{where} must be a table of run options, e.g. lr = 0.01, got {toml_value(options)}")
         for key in options:
             if key == METHOD or key in METHOD_OPTIONS or key == "out":
                 raise error(f"{where} cannot set {key!r}")
@@ -332,7 +332,7 @@ def run_name(values: Mapping[str, Any]) -> str:
 def _method_options(label: Any, what: str, error: Callable[[str], ConfigError]) -> dict[str, str]:
     """The run options a method label sets, or the sweep file's error naming ``what`` (the key at fault)."""
     if not isinstance(label, str):
-        raise error(f"{what} values must be strings such as 'fedavg' or 'savic-adam-global', got {_toml(label)}")
+        raise error(f"{what} values must be strings such as 'fedavg' or 'savic-adam-global', got {toml_value(label)}")
     try:
         return parse_label(label)
     except ConfigError as problem:
@@ -345,7 +345,7 @@ def _grid_value(key: str, value: Any, error: Callable[[str], ConfigError]) -> An
         _method_options(value, "[grid] method", error)
         return value
     if isinstance(value, (list, dict)):
-        raise error(f"[grid] {key} values must be single numbers or strings, got {_toml(value)}")
+        raise error(f"[grid] {key} values must be single numbers or strings, got {toml_value(value)}")
     try:
         config = RunConfig.from_mapping({key: value})
     except ConfigError as problem:
@@ -360,16 +360,17 @@ def value_text(value: Any) -> str:
     return str(value)
 
 
-def _toml(value: Any) -> str:
-    """A value as it would be written in TOML (for messages)."""
+def toml_value(value: Any) -> str:
+    """A value as it is written in TOML (strings, booleans, numbers including inf and nan, lists, tables):
+    for messages, and for the sweep files ``tune`` writes."""
     if isinstance(value, bool):
         return "true" if value else "false"
     if isinstance(value, str):
         return json.dumps(value)
     if isinstance(value, list):
-        return "[" + ", ".join(_toml(v) for v in value) + "]"
+        return "[" + ", ".join(toml_value(v) for v in value) + "]"
     if isinstance(value, dict):
-        return "{" + ", ".join(f"{k} = {_toml(v)}" for k, v in value.items()) + "}"
+        return "{" + ", ".join(f"{k} = {toml_value(v)}" for k, v in value.items()) + "}"
     return str(value)
 
 

@@ -39,9 +39,7 @@ adds no dependency.
 
 from __future__ import annotations
 
-import itertools
 import json
-import math
 import statistics
 import sys
 from collections.abc import Mapping, Sequence
@@ -51,7 +49,7 @@ from typing import Any, TextIO
 from flwr_scaling.methods import parse_label
 from flwr_scaling.run.config import ConfigError, RunConfig, read_toml
 from flwr_scaling.run.recorder import read_metrics, write_atomic
-from flwr_scaling.studies.plan import METHOD, TUNE_TABLE, load_sweep
+from flwr_scaling.studies.plan import METHOD, TUNE_TABLE, load_sweep, toml_value
 from flwr_scaling.studies.runner import Runner, run_sweep
 from flwr_scaling.studies.state import METRICS, RUNS
 from flwr_scaling.studies.statistics import tuning_score
@@ -181,13 +179,13 @@ def _write_sweep(raw: Mapping[str, Any], label: str, grid: Mapping[str, list[flo
     others = {k: v for k, v in raw.get("grid", {}).items() if k != METHOD}
     top = {key: raw[key] for key in ("backend", "workers", "cpus-per-run", "gpus-per-run", "ray-address") if key in raw}
     lines = [f"# Tuning runs of {label}, written by flwr-scaling tune (rerun with flwr-scaling sweep THIS_FILE)",
-             f"out = {_toml(str(folder))}"]
-    lines += [f"{key} = {_toml(value)}" for key, value in top.items()]
-    lines += ["", "[base]", *(f"{key} = {_toml(value)}" for key, value in base.items())]
+             f"out = {toml_value(str(folder))}"]
+    lines += [f"{key} = {toml_value(value)}" for key, value in top.items()]
+    lines += ["", "[base]", *(f"{key} = {toml_value(value)}" for key, value in base.items())]
     if fixed:
-        lines += ["", f"[{METHOD_TABLE}.\"{label}\"]", *(f"{key} = {_toml(value)}" for key, value in fixed.items())]
-    lines += ["", "[grid]", f"{METHOD} = [{_toml(label)}]"]
-    lines += [f"{key} = {_toml(list(values))}" for key, values in {**grid, **others}.items()]
+        lines += ["", f"[{METHOD_TABLE}.\"{label}\"]", *(f"{key} = {toml_value(value)}" for key, value in fixed.items())]
+    lines += ["", "[grid]", f"{METHOD} = [{toml_value(label)}]"]
+    lines += [f"{key} = {toml_value(list(values))}" for key, values in {**grid, **others}.items()]
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / "sweep.toml"
     write_atomic(path, "\n".join(lines) + "\n")
@@ -255,19 +253,6 @@ def _point_text(grid: Mapping[str, Any], point: Sequence[float]) -> str:
 
 def _grid_text(grid: Mapping[str, list[float]]) -> str:
     return "; ".join(f"{key} " + ", ".join(f"{v:g}" for v in values) for key, values in grid.items())
-
-
-def _toml(value: Any) -> str:
-    """A value as TOML (the types of run options: strings, booleans, numbers, lists of them)."""
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, str):
-        return json.dumps(value)
-    if isinstance(value, list):
-        return "[" + ", ".join(_toml(v) for v in value) + "]"
-    if isinstance(value, float) and not math.isfinite(value):
-        raise ConfigError(f"cannot write {value} to a tuning sweep file")
-    return repr(value)
 
 
 __all__ = ["DEFAULT_GRIDS", "WIDENED", "default_grid", "tune"]
