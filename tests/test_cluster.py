@@ -28,6 +28,7 @@ from pathlib import Path
 import pytest
 
 from flwr_scaling.studies.sweep import DONE, run_sweep
+from test_parallel_sweep import NAMES, SWEEP as SWEEP_TEMPLATE
 
 try:
     from .processes import kill_marked
@@ -38,20 +39,7 @@ pytestmark = pytest.mark.slow
 
 ROOT = Path(__file__).resolve().parents[1]
 RAY = Path(sys.executable).parent / "ray"
-SWEEP = """\
-backend = "inprocess"
-
-[base]
-rounds = 2
-num-clients = 3
-warmup-batches = 1
-checkpoint-every = 1
-
-[grid]
-method = ["fedavg", "savic-adam-global"]
-seed = [0, 1]
-"""
-NAMES = [f"method={m},seed={s}" for s in (0, 1) for m in ("fedavg", "savic-adam-global")]
+SWEEP = SWEEP_TEMPLATE.format(extra="")  # the parallel-sweep tests' 4-run sweep
 STARTED = "Ray runtime started"  # what `ray start` prints once the node has joined
 
 
