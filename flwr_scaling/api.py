@@ -19,13 +19,14 @@ from __future__ import annotations
 import contextlib
 import json
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, fields, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 from flwr_scaling.errors import ConfigError
 from flwr_scaling.methods import DEFAULT_COMPARE, parse_label
-from flwr_scaling.run.config import RunConfig, check_output_folder
+from flwr_scaling.run.config import RunConfig
+from flwr_scaling.run.config_files import check_output_folder
 from flwr_scaling.run.outdir import claim_output
 from flwr_scaling.run.ray_cluster import attach, check_address
 from flwr_scaling.run.recorder import check_tensorboard, progress_logger, read_metrics

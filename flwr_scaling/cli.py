@@ -10,7 +10,8 @@ from dataclasses import fields
 from pathlib import Path
 
 from flwr_scaling.api import COMPARE_FIXED  # the options compare sets per configuration
-from flwr_scaling.run.config import ConfigError, RunConfig, check_output_folder, load_toml
+from flwr_scaling.run.config import ConfigError, RunConfig
+from flwr_scaling.run.config_files import check_output_folder, load_toml
 from flwr_scaling.run.outdir import claim_output
 from flwr_scaling.run.ray_cluster import ADDRESS_HELP
 from flwr_scaling.cli_errors import PREFIX, check_path_arguments, exit_on_failure

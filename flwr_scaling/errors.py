@@ -17,4 +17,10 @@ class DataError(ValueError):
     """A dataset that cannot be used; the message is one line."""
 
 
-__all__ = ["ConfigError", "DataError"]
+def first_line(error: BaseException) -> str:
+    """An error as one line for a message: its first non-blank line, or its type when it has no text."""
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    return lines[0] if lines else type(error).__name__
+
+
+__all__ = ["ConfigError", "DataError", "first_line"]

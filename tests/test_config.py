@@ -15,16 +15,15 @@ from pathlib import Path
 import pytest
 
 from flwr_scaling.core.rules import RULES
-from flwr_scaling.run import config as config_module
 from flwr_scaling.run.config import (
     DATASET_SIZES,
     ConfigError,
     RunConfig,
-    check_output_folder,
-    load_toml,
     max_clients,
     train_size,
 )
+from flwr_scaling.run import config_files
+from flwr_scaling.run.config_files import check_output_folder, load_toml
 
 ROOT = Path(__file__).resolve().parents[1]
 IS_ROOT = hasattr(os, "geteuid") and os.geteuid() == 0
@@ -317,7 +316,7 @@ def test_load_toml_unreadable(tmp_path, monkeypatch):
     def refuse(*args, **kwargs):
         raise PermissionError(13, "Permission denied")
 
-    monkeypatch.setattr(config_module, "open", refuse, raising=False)  # root reads anything: fake the refusal
+    monkeypatch.setattr(config_files, "open", refuse, raising=False)  # root reads anything: fake the refusal
     assert "cannot be read: Permission denied" in one_line_error(load_toml, str(path))
 
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 import numpy as np
 
 from flwr_scaling.data.source_types import Source, SourceKind, check_labels, encode_named_labels, model_for_shape
-from flwr_scaling.errors import DataError
+from flwr_scaling.errors import DataError, first_line
 
 HUB_KIND = "hf"  # not a file: a dataset name on the Hugging Face Hub
 HUB_TEST_SPLIT = "test"
@@ -37,7 +37,7 @@ def load_hub(name: str, label_column: str = "label", **load_kwargs) -> Source:
     try:
         train = fds.load_split("train")
     except Exception as error:  # datasets raises many types (offline, not found, bad split)
-        text = _first_line(error)
+        text = first_line(error)
         if "train" in text and "split" in text.lower():
             raise DataError(f"{label} has no 'train' split ({text})") from None
         offline = os.environ.get("HF_DATASETS_OFFLINE", "").lower() in ("1", "true", "yes", "on")
@@ -63,10 +63,6 @@ def load_hub(name: str, label_column: str = "label", **load_kwargs) -> Source:
     model = model_for_shape(tuple(features.shape[1:])) if image else "logreg"
     return Source(features, labels, tuple(features.shape[1:]), model, test_pair, standardize=not image, label_names=names)
 
-
-def _first_line(error: BaseException) -> str:
-    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
-    return lines[0] if lines else type(error).__name__
 
 
 def _hub_columns(split, label: str, label_column: str, like=None) -> tuple[np.ndarray, np.ndarray, bool]:

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
-from flwr_scaling.errors import DataError
+from flwr_scaling.errors import DataError, first_line
 
 IMAGE_DIMS = 3  # (channels, height, width): the CNN's input
 RESNET_SHAPE = (3, 32, 32)  # CIFAR-10-shaped colour images: the ResNet's home ground
@@ -145,13 +145,9 @@ def gzip_errors(path: Path) -> Iterator[None]:
     except (OSError, EOFError, zlib.error) as error:
         if path.suffix != ".gz" and not isinstance(error, (EOFError, zlib.error, gzip.BadGzipFile)):
             raise DataError(f"{path}: cannot be read: {getattr(error, 'strerror', None) or error}") from None
-        raise DataError(f"{path}: not a readable gzip stream ({_first_line(error)}); "
+        raise DataError(f"{path}: not a readable gzip stream ({first_line(error)}); "
                         f"decompress it to check it, or give the file uncompressed") from None
 
-
-def _first_line(error: BaseException) -> str:
-    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
-    return lines[0] if lines else type(error).__name__
 
 
 def open_text(path: Path) -> io.TextIOBase:

@@ -156,26 +156,9 @@ class ServerOptimizer(FedAvg):
         The moments to start from (a resumed run, see ``precond_state``).
     client_eval_every : int (default: 0)
         Every that many rounds, every node evaluates the global model (see ``Savic``).
-    fraction_train : float (default: 1.0)
-        Fraction of nodes sampled for training.
-    fraction_evaluate : float (default: 0.0)
-        Fraction of nodes sampled for federated evaluation (0 skips it).
-    min_train_nodes : int (default: 2)
-        Minimum number of nodes sampled for training.
-    min_evaluate_nodes : int (default: 2)
-        Minimum number of nodes sampled for evaluation.
-    min_available_nodes : int (default: 2)
-        Minimum number of connected nodes before sampling.
-    weighted_by_key : str (default: "num-examples")
-        Metric whose value weights the averages.
-    arrayrecord_key : str (default: "arrays")
-        Key of the model ArrayRecord in messages.
-    configrecord_key : str (default: "config")
-        Key of the ConfigRecord in messages.
-    train_metrics_aggr_fn : callable | None (default: None)
-        As in FedAvg.
-    evaluate_metrics_aggr_fn : callable | None (default: None)
-        As in FedAvg.
+    fraction_train, fraction_evaluate, min_train_nodes, min_evaluate_nodes, min_available_nodes,
+    weighted_by_key, arrayrecord_key, configrecord_key, train_metrics_aggr_fn, evaluate_metrics_aggr_fn
+        Flower's FedAvg keywords, with the defaults and meanings ``Savic`` documents.
     sampler : NodeSampler | None (default: None)
         ``None``: built from ``sampling_seed``, ``node_order``, ``node_wait_s``, ``sampler_state``.
     screen : ReplyScreen | None (default: None)

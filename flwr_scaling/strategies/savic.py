@@ -117,10 +117,8 @@ class Savic(FedAvg):
         Fraction of nodes sampled for training.
     fraction_evaluate : float (default: 0.0)
         Fraction of nodes sampled for federated evaluation (0 skips it).
-    min_train_nodes : int (default: 2)
-        Minimum number of nodes sampled for training.
-    min_evaluate_nodes : int (default: 2)
-        Minimum number of nodes sampled for evaluation.
+    min_train_nodes, min_evaluate_nodes : int (default: 2)
+        Minimum number of nodes sampled for training, and for evaluation.
     min_available_nodes : int (default: 2)
         Minimum number of connected nodes before sampling.
     weighted_by_key : str (default: "num-examples")
@@ -133,9 +131,7 @@ class Savic(FedAvg):
         Key of the preconditioner-state ArrayRecord sent to clients.
     stats_key : str (default: "stats")
         Key of the statistic (or state) ArrayRecord in client replies.
-    train_metrics_aggr_fn : callable | None (default: None)
-        As in FedAvg.
-    evaluate_metrics_aggr_fn : callable | None (default: None)
+    train_metrics_aggr_fn, evaluate_metrics_aggr_fn : callable | None (default: None)
         As in FedAvg.
     node_order : Mapping[int, int] | None (default: None)
         Stable rank of each node (e.g. its partition id): sampling and the

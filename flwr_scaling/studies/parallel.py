@@ -31,16 +31,15 @@ import traceback
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
+from flwr_scaling.errors import first_line
 from flwr_scaling.run.checkpoint import CHECKPOINT, Checkpoint
 from flwr_scaling.run.config import ConfigError, RunConfig
 from flwr_scaling.run.outdir import write_atomic
 from flwr_scaling.run.ray_cluster import attach, check_address
+from flwr_scaling.studies.logs import output_to
 from flwr_scaling.studies.state import LOG, METRICS, completed_rows, mark_done
-
-if TYPE_CHECKING:  # plan.py imports this module (to validate the options it reads)
-    from flwr_scaling.studies.plan import SweepRun
 
 CONFIG_JSON = "config.json"
 ROUND_FILES = (CONFIG_JSON, METRICS, CHECKPOINT)  # shipped after every checkpoint: what a resume needs
@@ -120,8 +119,6 @@ def run_in_task(config: RunConfig, resume: Checkpoint | None) -> Iterator[dict[s
     import ray
 
     from flwr_scaling.run.inprocess import run_inprocess
-    from flwr_scaling.studies.plan import first_line
-    from flwr_scaling.studies.runner import output_to
 
     node = ray.get_runtime_context().get_node_id()
     scratch = Path(tempfile.mkdtemp(prefix="flwr-scaling-run-"))
@@ -169,7 +166,6 @@ def _start_ray(options: ParallelOptions) -> tuple[bool, float]:
     """Attach to the cluster or start a local Ray; return (whether we started it, seconds it took)."""
     import ray
 
-    from flwr_scaling.studies.plan import first_line
 
     began = time.perf_counter()
     if ray.is_initialized():
@@ -193,14 +189,14 @@ def _start_ray(options: ParallelOptions) -> tuple[bool, float]:
 
 @dataclass
 class _Job:
-    run: SweepRun
+    run: Any  # a studies.plan.SweepRun (not imported: plan imports this module)
     folder: Path
     resume: Checkpoint | None
     began: float = 0.0
     stream: Any = None  # the task's ObjectRefGenerator
 
 
-def run_parallel(jobs: list[tuple[SweepRun, Checkpoint | None]], options: ParallelOptions, total: int,
+def run_parallel(jobs: list[tuple[Any, Checkpoint | None]], options: ParallelOptions, total: int,
                  finished_before: int, say: Callable[[str], None]) -> tuple[int, list[str], dict[str, str]]:
     """Run ``jobs`` (each a run and the checkpoint it resumes from) as Ray tasks, ``options.workers`` at a time.
 
@@ -211,7 +207,6 @@ def run_parallel(jobs: list[tuple[SweepRun, Checkpoint | None]], options: Parall
     """
     import ray
 
-    from flwr_scaling.studies.plan import first_line
 
     started, startup = _start_ray(options)
     how = "attached" if options.ray_address or not started else "started"

@@ -38,8 +38,10 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
+from flwr_scaling.errors import first_line
 from flwr_scaling.methods import parse_label
-from flwr_scaling.run.config import ConfigError, RunConfig, check_output_folder, read_toml
+from flwr_scaling.run.config import ConfigError, RunConfig
+from flwr_scaling.run.config_files import check_output_folder, read_toml
 from flwr_scaling.run.inprocess import BACKENDS
 from flwr_scaling.run.simulation import preflight
 from flwr_scaling.studies.parallel import ParallelOptions, parallel_options
@@ -268,8 +270,8 @@ def _target(value: Any, error: Callable[[str], ConfigError]) -> float | dict[str
     targets = {}
     for key, target in value.items():
         if isinstance(target, dict):  # TOML reads {0.1 = 0.8} as the dotted key 0 -> 1
-            raise error(f"target-accuracy: quote each alpha, e.g. {{\"0.1\" = 0.8}}; an unquoted 0.1 is a "
-                        f"dotted key in TOML")
+            raise error("target-accuracy: quote each alpha, e.g. {\"0.1\" = 0.8}; an unquoted 0.1 is a "
+                        "dotted key in TOML")
         if key == DEFAULT_KEY:
             targets[key] = number(f" {key}", target)
             continue
@@ -380,10 +382,4 @@ def _suggest(word: str, choices: Sequence[str]) -> str:
     return f"; did you mean {close[0]!r}?" if close else f"; known: {', '.join(choices)}"
 
 
-def first_line(problem: BaseException) -> str:
-    """An error as one line for a message: its first line, or its type when it has no text."""
-    text = str(problem)
-    return text.splitlines()[0] if text else type(problem).__name__
-
-
-__all__ = ["METHOD", "SEED", "Sweep", "SweepRun", "load_sweep", "run_name", "value_text", "first_line", "target_for"]
+__all__ = ["METHOD", "SEED", "Sweep", "SweepRun", "load_sweep", "run_name", "value_text", "target_for"]

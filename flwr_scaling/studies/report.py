@@ -29,7 +29,8 @@ from flwr_scaling.data.partitioners import describe as describe_partition
 from flwr_scaling.run.config import ConfigError, RunConfig
 from flwr_scaling.run.recorder import read_metrics, write_atomic
 from flwr_scaling.studies.outcomes import Group, Rows, seed_group_summary
-from flwr_scaling.studies.plan import METHOD, SEED, first_line, run_name, target_for, value_text
+from flwr_scaling.errors import first_line
+from flwr_scaling.studies.plan import METHOD, SEED, run_name, target_for, value_text
 from flwr_scaling.studies.plots import plot_accuracy, plot_sweep
 from flwr_scaling.studies.state import METRICS, RUNS, SWEEP_JSON, check_planned_runs, is_finished
 from flwr_scaling.studies.statistics import honest_summary, paired_note_of_groups, reading_note

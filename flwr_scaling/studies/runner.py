@@ -9,9 +9,7 @@ the report is written (``report.py``).
 
 from __future__ import annotations
 
-import contextlib
 import json
-import logging
 import statistics
 import sys
 import time
@@ -20,12 +18,14 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any, TextIO
 
+from flwr_scaling.errors import first_line
 from flwr_scaling.run.config import ConfigError
 from flwr_scaling.run.inprocess import BACKENDS, runner_for
 from flwr_scaling.run.outdir import claim_output
 from flwr_scaling.run.recorder import write_atomic
 from flwr_scaling.studies.parallel import clock_text, run_parallel
-from flwr_scaling.studies.plan import first_line, load_sweep
+from flwr_scaling.studies.logs import output_to
+from flwr_scaling.studies.plan import load_sweep
 from flwr_scaling.studies.report import write_sweep_report
 from flwr_scaling.studies.state import (
     DONE, LOG, SWEEP_JSON, clear_run_folder, same_config, completed_rows, is_finished, mark_done, resumable_checkpoint,
@@ -181,34 +181,6 @@ def _finished_otherwise(folder: Path, config: dict[str, Any]) -> bool:
     except (OSError, ValueError):
         return False
     return isinstance(done, dict) and not same_config(done.get("config", {}), config)
-
-
-@contextlib.contextmanager
-def output_to(log: TextIO):
-    """Send what a run prints (stdout, stderr, and log handlers writing to them: Flower's, Ray's) to ``log``."""
-    terminals = {id(s) for s in (sys.stdout, sys.stderr, sys.__stdout__, sys.__stderr__) if s is not None}
-    stderr = sys.stderr
-
-    def stream_handlers():
-        loggers = [logging.getLogger()] + [
-            logger for logger in logging.Logger.manager.loggerDict.values() if isinstance(logger, logging.Logger)
-        ]
-        return [h for logger in loggers for h in logger.handlers
-                if isinstance(h, logging.StreamHandler) and not isinstance(h, logging.FileHandler)
-                and not isinstance(getattr(type(h), "stream", None), property)]  # those follow sys.stderr
-
-    swapped = [(h, h.stream) for h in stream_handlers() if id(h.stream) in terminals]
-    for handler, _ in swapped:
-        handler.setStream(log)
-    try:
-        with contextlib.redirect_stdout(log), contextlib.redirect_stderr(log):
-            yield
-    finally:
-        for handler, old in swapped:
-            handler.setStream(old)
-        for handler in stream_handlers():  # created during the run, on the redirected stderr
-            if handler.stream is log:
-                handler.setStream(stderr)
 
 
 __all__ = ["Runner", "output_to", "run_sweep"]

@@ -47,7 +47,8 @@ from pathlib import Path
 from typing import Any, TextIO
 
 from flwr_scaling.methods import parse_label
-from flwr_scaling.run.config import ConfigError, RunConfig, read_toml
+from flwr_scaling.run.config import ConfigError, RunConfig
+from flwr_scaling.run.config_files import read_toml
 from flwr_scaling.run.recorder import read_metrics, write_atomic
 from flwr_scaling.studies.plan import METHOD, TUNE_TABLE, load_sweep, toml_value
 from flwr_scaling.studies.runner import Runner, run_sweep
