@@ -4,6 +4,8 @@
   checks run, node and task ids); the fixture pretends to be the server's task.
 - ``flower_warnings``: the WARNING lines Flower's logger gets during a test
   (Flower's logger does not propagate to pytest's ``caplog``).
+- ``hub_offline``: the Hugging Face libraries with no network and no cache
+  outside the test's folder (``hf:`` data is tested on local parquet files).
 """
 
 from __future__ import annotations
@@ -35,3 +37,17 @@ def flower_warnings() -> Iterator[Callable[[], list[str]]]:
     logger.addHandler(handler)
     yield lambda: [record.getMessage() for record in records if record.levelno == logging.WARNING]
     logger.removeHandler(handler)
+
+
+@pytest.fixture
+def hub_offline(monkeypatch, tmp_path) -> None:
+    """No network and no cache outside ``tmp_path`` for ``datasets`` and ``huggingface_hub``."""
+    import datasets
+    import huggingface_hub.constants
+
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_OFFLINE", True)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", tmp_path / "hf-cache")

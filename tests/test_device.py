@@ -140,19 +140,11 @@ def test_cli_refuses_client_gpus_without_cuda_before_ray_starts(tmp_path, capsys
 # ---------------------------------------------------------------- the ResNet on 3x32x32 images from hf:
 
 @pytest.fixture
-def cifar_like(monkeypatch, tmp_path):
+def cifar_like(hub_offline, monkeypatch, tmp_path):
     """``hf:ANYTHING`` loads 200 random 32x32 RGB images of 4 classes from a local parquet file, offline."""
-    import datasets
-    import huggingface_hub.constants
     from datasets import ClassLabel, Dataset, Features, Image
     from PIL import Image as PILImage
 
-    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True)
-    monkeypatch.setattr(datasets.config, "HF_DATASETS_OFFLINE", True)
-    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
-    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", tmp_path / "hf-cache")
     rng = np.random.default_rng(0)
     images = [PILImage.fromarray(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8), mode="RGB") for _ in range(200)]
     features = Features({"img": Image(), "label": ClassLabel(names=["cat", "dog", "frog", "ship"])})

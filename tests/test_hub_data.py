@@ -20,17 +20,8 @@ HEIGHT, WIDTH = 6, 5
 
 
 @pytest.fixture(autouse=True)
-def offline(monkeypatch, tmp_path):
-    """No network and no cache outside tmp_path."""
-    import datasets
-    import huggingface_hub.constants
-
-    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True)
-    monkeypatch.setattr(datasets.config, "HF_DATASETS_OFFLINE", True)
-    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
-    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", tmp_path / "hf-cache")
+def offline(hub_offline):
+    """No network and no cache outside tmp_path (conftest's ``hub_offline``), for every test here."""
     yield
     load_federated_data.cache_clear()  # the hf:local-* names below mean these files only
     data_module.partitioner_for.cache_clear()
