@@ -167,7 +167,7 @@ def train_scaled(
     model : nn.Module
         Starts at the round's global model; trained in place.
     loader : iterable of (x, y)
-        Re-iterable once per epoch (a DataLoader).
+        Re-iterable once per epoch (a DataLoader, or data.batches.SeededBatches).
     settings : TrainSettings
         Rule, mode and step sizes.
     state : dict of tensors, optional

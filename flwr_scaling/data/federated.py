@@ -15,8 +15,8 @@ from functools import lru_cache
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, TensorDataset
 
+from flwr_scaling.data.batches import SeededBatches
 from flwr_scaling.data.bundled import load_bundled
 from flwr_scaling.data.partitioners import (
     MIN_PARTITION_SIZE,
@@ -259,11 +259,11 @@ def largest_workable(spec: PartitionSpec, labels: np.ndarray) -> int:
     return low
 
 
-def make_loader(split: Split, batch_size: int, seed: int, shuffle: bool = True) -> DataLoader:
-    """A seeded DataLoader: the batch order depends only on ``seed``."""
-    generator = torch.Generator().manual_seed(seed)
+def make_loader(split: Split, batch_size: int, seed: int, shuffle: bool = True) -> SeededBatches:
+    """Seeded mini-batches: the batch order depends only on ``seed``; the same batches as a DataLoader with
+    a generator seeded so (see data/batches.py), sliced one batch at a time."""
     features, labels = split.tensors()
-    return DataLoader(TensorDataset(features, labels), batch_size=batch_size, shuffle=shuffle, generator=generator)
+    return SeededBatches(features, labels, batch_size=batch_size, seed=seed, shuffle=shuffle)
 
 
 __all__ = [
