@@ -16,19 +16,28 @@ if [ ! -f "$DATA/a9a/a9a" ] || [ ! -f "$DATA/a9a/a9a.t" ] || [ ! -f "$DATA/mnist
   "$py" -m flwr_scaling data all --out "$DATA"
 fi
 start=$(date +%s)
+# Each step's wall time goes to experiments/results/timings.csv (REPORT.md states the total from it).
+timings=experiments/results/timings.csv
+mkdir -p experiments/results
+[ -f "$timings" ] || echo "step,seconds" > "$timings"
+timed() {  # timed STEP COMMAND...: run COMMAND, then append "STEP,seconds" to the timings file
+  local step=$1 began; began=$(date +%s); shift
+  "$@"
+  echo "$step,$(( $(date +%s) - began ))" >> "$timings"
+}
 # Joint grids (client x server step for the FedOpt baselines, FedProx's mu, SAVIC's server step and momentum
 # in the *-server-step files), on the validation split, widened on an edge: flwr-scaling tune. The chosen
 # [method-options] tables go to experiments/tuning/<setting>-tuned.toml, which the sweeps include.
 for setting in digits digits-server-step a9a a9a-server-step mnist-partial; do
   if [ ! -f "experiments/tuning/$setting-tuned.toml" ]; then
-    "$py" -m flwr_scaling tune "experiments/tuning/$setting.toml" --workers "$workers" \
+    timed "tune $setting" "$py" -m flwr_scaling tune "experiments/tuning/$setting.toml" --workers "$workers" \
       --write "experiments/tuning/$setting-tuned.toml"
   fi
 done
 "$py" experiments/make_sweeps.py
 for sweep in digits-methods digits-server-step a9a-methods a9a-server-step mnist-partial digits-heterogeneity \
              digits-iid a9a-heterogeneity a9a-iid digits-epochs a9a-epochs; do
-  "$py" -m flwr_scaling sweep "experiments/sweeps/$sweep.toml" --workers "$workers"
+  timed "sweep $sweep" "$py" -m flwr_scaling sweep "experiments/sweeps/$sweep.toml" --workers "$workers"
 done
 "$py" experiments/make_report.py
 echo "study done in $(( ($(date +%s) - start) / 60 )) min (wall time, this machine)"

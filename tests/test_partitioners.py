@@ -151,3 +151,12 @@ def test_plot_of_impossible_settings_writes_nothing(tmp_path):
     with pytest.raises(ValueError, match="shard-classes 11 is impossible"):
         plot_partitions(PartitionSpec(DIGITS, 10, 0.5, "shard", 11), tmp_path / "p.png")
     assert not (tmp_path / "p.png").exists()
+
+
+def test_plot_of_many_clients_draws_the_first_hundred_and_says_so(tmp_path):
+    from flwr_scaling.data.partition_plot import plot_title
+
+    many = PartitionSpec(DIGITS, 120, 0.5, "iid", 2)
+    assert plot_title(many) == "digits: first 100 of 120 clients, iid, seed 0"
+    assert plot_title(PartitionSpec(DIGITS, 100, 0.5, "iid", 2)) == "digits: 100 clients, iid, seed 0"
+    assert plot_partitions(many, tmp_path / "p.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
