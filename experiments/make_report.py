@@ -338,25 +338,23 @@ def main() -> None:
         "## Tuned step sizes", "",
     ]
     section_tuning(out)
-    out += ["## Questions 1, 2 and 5: methods (Dirichlet 0.5, all 10 clients every round)", ""]
-    for problem in PROBLEMS:
-        section_methods(problem, out)
-    out += ["## Question 3: heterogeneity", "",
+    per_problem = [
+        ("Questions 1, 2 and 5: methods (Dirichlet 0.5, all 10 clients every round)", [], section_methods),
+        ("Question 3: heterogeneity", [
             "Step sizes tuned at Dirichlet 0.5 and held fixed across splits (the same for every method). "
-            "Worst-10 % clients: the mean accuracy of the worst tenth of clients on their own test data, at the last "
-            "client evaluation (every 5 rounds).", ""]
-    for problem in PROBLEMS:
-        section_heterogeneity(problem, out)
-    out += ["## Question 4: local work", ""]
-    for problem in PROBLEMS:
-        section_epochs(problem, out)
-    out += ["## Question 6: a server step on top of SAVIC", "",
+            "Worst-10 % clients: the mean accuracy of the worst tenth of clients on their own test data, at the "
+            "last client evaluation (every 5 rounds).", ""], section_heterogeneity),
+        ("Question 4: local work", [], section_epochs),
+        ("Question 6: a server step on top of SAVIC", [
             "SAVIC adam-local with a server step size η and heavy-ball server momentum μ (`--server-lr`, "
             "`--server-momentum`: m ← μ m + (mean x_m − x), x ← x + η m), its client step, η and μ tuned jointly "
-            "(`experiments/tuning/<problem>-server-step.toml`), against SAVIC at η = 1 and the jointly tuned FedYogi "
-            "(same seeds, from the methods sweep).", ""]
-    for problem in PROBLEMS:
-        section_server_step(problem, out)
+            "(`experiments/tuning/<problem>-server-step.toml`), against SAVIC at η = 1 and the jointly tuned "
+            "FedYogi (same seeds, from the methods sweep).", ""], section_server_step),
+    ]
+    for title, intro, section in per_problem:
+        out += [f"## {title}", "", *intro]
+        for problem in PROBLEMS:
+            section(problem, out)
     out += ["## Partial participation (questions 1 and 5 in the realistic setting)", "",
             "100 clients (Dirichlet 0.5 over the 8,000 training images of the MNIST test set), 10 sampled per round, "
             "50 rounds; step sizes tuned for this setting (`experiments/tuning/mnist-partial.toml`: one seed, "

@@ -8,7 +8,6 @@ kills it with SIGKILL.
 from __future__ import annotations
 
 import csv
-import importlib.util
 import io
 import json
 import logging
@@ -17,6 +16,7 @@ import re
 import signal
 import sys
 import time
+import tomllib
 from pathlib import Path
 
 import numpy as np
@@ -532,22 +532,16 @@ SHIPPED = sorted((ROOT / "experiments" / "sweeps").glob("*.toml"))
 
 @pytest.mark.parametrize("path", SHIPPED, ids=[p.stem for p in SHIPPED])
 def test_shipped_sweep_files_are_valid_and_use_the_tuned_step_sizes(path, tmp_path, monkeypatch):
-    """The study's sweeps load (data found, every run valid) and give each method the step size
-    chosen for it on the validation split (experiments/tuning/<problem>.md)."""
+    """The study's sweeps load (data found, every run valid), run 5 seeds, and give each method the step
+    sizes flwr-scaling tune chose for it on the validation split (the included <setting>-tuned.toml)."""
     if "shared/data" in path.read_text() and not SHARED.is_dir():
         pytest.skip("needs ../shared/data (a9a, MNIST)")
     monkeypatch.chdir(ROOT)  # the files name the data relative to the project root
     sweep = load_sweep(path, tmp_path / "out")
     assert sweep.backend == "inprocess"
-    assert len(sweep.runs) % 3 == 0 and {r.config.seed for r in sweep.runs} == {0, 1, 2}
-    spec = importlib.util.spec_from_file_location("make_sweeps", ROOT / "experiments" / "make_sweeps.py")
-    make_sweeps = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(make_sweeps)
-    chosen = make_sweeps.tuned(path.stem.split("-")[0])  # the tuning tables' [method-options] blocks
+    assert len(sweep.runs) % 5 == 0 and {r.config.seed for r in sweep.runs} == {0, 1, 2, 3, 4}
+    included = tomllib.loads(path.read_text(encoding="utf-8"))["include"]
+    chosen = tomllib.loads((path.parent / included).read_text(encoding="utf-8"))["method-options"]
     for run in sweep.runs:
-        if "method" not in run.values:  # a hand-written check with its own step size in [base]
-            continue
-        options = chosen[run.values["method"]].split("\n", 1)[1]
-        for line in filter(None, (l.strip() for l in options.splitlines())):
-            key, value = (part.strip() for part in line.split("="))
-            assert getattr(run.config, key.replace("-", "_")) == float(value), (run.name, key)
+        for key, value in chosen[run.values["method"]].items():
+            assert getattr(run.config, key.replace("-", "_")) == value, (run.name, key)
