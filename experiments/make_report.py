@@ -35,6 +35,7 @@ TUNING = HERE / "tuning"
 PROBLEMS = {"digits": "digits + CNN, 10 clients", "a9a": "a9a + logistic regression, 10 clients"}
 PARTIAL = "mnist-partial"
 PARTIAL_TITLE = "MNIST 8k/2k + CNN, 100 clients, 10 per round, 50 rounds"
+SETTINGS = ("digits", "digits-server-step", "a9a", "a9a-server-step", PARTIAL, f"{PARTIAL}-server-step")  # tuned
 SCALINGS = ["savic-adagrad-global", "savic-rmsprop-global", "savic-adam-global", "savic-oasis-global"]
 MODES = [("savic-adam-local", "savic-adam-global"), ("savic-oasis-local", "savic-oasis-global")]
 BASELINES = ["fedadam", "fedyogi", "fedadagrad", "fedprox", "local-adam"]
@@ -233,19 +234,24 @@ def section_epochs(problem: str, out: list[str]) -> None:
 
 
 def section_server_step(problem: str, out: list[str]) -> None:
-    out += [f"### {PROBLEMS[problem]}", ""]
-    step, methods = sweep_runs(f"{problem}-server-step"), sweep_runs(f"{problem}-methods")
+    server_step_table(f"{problem}-server-step", f"{problem}-methods", PROBLEMS[problem], "Dirichlet 0.5", out)
+
+
+def server_step_table(step_sweep: str, methods_sweep: str, title: str, setting: str, out: list[str]) -> None:
+    """Question 6: ``step_sweep``'s SAVIC with its tuned server step against SAVIC and FedYogi of ``methods_sweep``."""
+    out += [f"### {title}", ""]
+    step, methods = sweep_runs(step_sweep), sweep_runs(methods_sweep)
     if step is None or methods is None:
         out += ["*Not run yet.*", ""]
         return
     by_method = {key[0]: value for key, value in methods[0].items()}
     with_step = next(iter(step[0].values()))
-    options = tuned_options(f"{problem}-server-step").get(SAVIC, {})
+    options = tuned_options(step_sweep).get(SAVIC, {})
     out += [f"Tuned jointly on the validation split: {describe(options)}.", ""]
     entries = [(SERVER_STEP, with_step), *[(m, by_method[m]) for m in (SAVIC, "fedyogi", "fedavg") if m in by_method]]
-    out += summary_table(entries, target_for(methods[1]), gap=problem == "a9a")
-    out += ["", links(f"{problem}-server-step"), ""]
-    out += comparison_table([("Dirichlet 0.5", SERVER_STEP, with_step, other, by_method[other])
+    out += summary_table(entries, target_for(methods[1]), gap="a9a" in step_sweep)
+    out += ["", links(step_sweep), ""]
+    out += comparison_table([(setting, SERVER_STEP, with_step, other, by_method[other])
                              for other in (SAVIC, "fedyogi") if other in by_method])
     out.append("")
 
@@ -283,12 +289,11 @@ def describe(options: dict) -> str:
 
 def section_tuning(out: list[str]) -> None:
     out += ["| setting | method | chosen on the validation split |", "|---|---|---|"]
-    for setting in ("digits", "digits-server-step", "a9a", "a9a-server-step", PARTIAL):
+    for setting in SETTINGS:
         for method, options in tuned_options(setting).items():
             out.append(f"| {setting} | {method} | {describe(options)} |")
     out += ["", "Every grid point's score (mean validation accuracy over rounds, averaged over the tuning seeds): "
-            + ", ".join(f"[{s}](tuning/{s}/tune/tuning.md)" for s in
-                        ("digits", "digits-server-step", "a9a", "a9a-server-step", PARTIAL)) + ".", ""]
+            + ", ".join(f"[{s}](tuning/{s}/tune/tuning.md)" for s in SETTINGS) + ".", ""]
 
 
 def timings() -> list[str]:
@@ -360,6 +365,7 @@ def main() -> None:
             "50 rounds; step sizes tuned for this setting (`experiments/tuning/mnist-partial.toml`: one seed, "
             "25 rounds, the same budget for every method).", ""]
     section_partial(out)
+    server_step_table(f"{PARTIAL}-server-step", PARTIAL, f"{PARTIAL_TITLE}: question 6", "100 clients, 10/round", out)
     (HERE / "REPORT.md").write_text("\n".join(out).rstrip() + "\n", encoding="utf-8")
     print(f"wrote {HERE / 'REPORT.md'}")
 

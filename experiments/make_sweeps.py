@@ -16,7 +16,8 @@ Two settings of 10 clients, all trained every round:
   seed with the methods sweep (same seeds: same split, partition and initial model);
 
 and the partial-participation setting (``mnist-partial``): 100 clients, 10
-sampled per round, 50 rounds, with its own tuning (``mnist-partial-tuned.toml``).
+sampled per round, 50 rounds, with its own tuning (``mnist-partial-tuned.toml``),
+and its ``mnist-partial-server-step`` (question 6 there).
 
     python experiments/make_sweeps.py      # rewrites experiments/sweeps/*.toml
 """
@@ -90,6 +91,10 @@ def study_sweeps() -> dict[str, str]:
     files["mnist-partial"] = sweep("mnist-partial", "mnist-partial", PARTIAL, "partial participation "
                                    "(questions 1 and 5 in the realistic setting)",
                                    {"method": PARTIAL_METHODS, "seed": SEEDS})
+    files["mnist-partial-server-step"] = sweep(
+        "mnist-partial-server-step", "mnist-partial-server-step", PARTIAL, "SAVIC adam-local with a tuned "
+        "server step and server momentum (question 6 in the realistic setting)",
+        {"method": ["savic-adam-local"], "seed": SEEDS})
     return files
 
 

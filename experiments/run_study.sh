@@ -28,7 +28,7 @@ timed() {  # timed STEP COMMAND...: run COMMAND, then append "STEP,seconds" to t
 # Joint grids (client x server step for the FedOpt baselines, FedProx's mu, SAVIC's server step and momentum
 # in the *-server-step files), on the validation split, widened on an edge: flwr-scaling tune. The chosen
 # [method-options] tables go to experiments/tuning/<setting>-tuned.toml, which the sweeps include.
-for setting in digits digits-server-step a9a a9a-server-step mnist-partial; do
+for setting in digits digits-server-step a9a a9a-server-step mnist-partial mnist-partial-server-step; do
   if [ ! -f "experiments/tuning/$setting-tuned.toml" ]; then
     timed "tune $setting" "$py" -m flwr_scaling tune "experiments/tuning/$setting.toml" --workers "$workers" \
       --write "experiments/tuning/$setting-tuned.toml"
@@ -36,7 +36,7 @@ for setting in digits digits-server-step a9a a9a-server-step mnist-partial; do
 done
 "$py" experiments/make_sweeps.py
 for sweep in digits-methods digits-server-step a9a-methods a9a-server-step mnist-partial digits-heterogeneity \
-             digits-iid a9a-heterogeneity a9a-iid digits-epochs a9a-epochs; do
+             digits-iid a9a-heterogeneity a9a-iid digits-epochs a9a-epochs mnist-partial-server-step; do
   timed "sweep $sweep" "$py" -m flwr_scaling sweep "experiments/sweeps/$sweep.toml" --workers "$workers"
 done
 "$py" experiments/make_report.py
