@@ -9,11 +9,12 @@ from __future__ import annotations
 import math
 import warnings
 from collections.abc import Mapping, Sequence
-from contextlib import contextmanager
 from dataclasses import dataclass
 
 import numpy as np
 import torch
+
+from flwr_scaling.core.devices import torch_threads
 
 
 def numpy_to_torch(arrays: Mapping[str, np.ndarray]) -> dict[str, torch.Tensor]:
@@ -76,7 +77,7 @@ def checked_weighted_average(
     factors = [weight / total for weight in weights]
     out: dict[str, np.ndarray] = {}
     finite, lowest = True, math.inf
-    with _one_torch_thread(), warnings.catch_warnings():
+    with torch_threads(1), warnings.catch_warnings():  # a bandwidth-bound average gains nothing from more
         # The inputs are read-only views of received bytes, only ever read here.
         warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
         for key in arrays_list[0]:
@@ -96,25 +97,6 @@ def checked_weighted_average(
                 finite = finite and bool(torch.isfinite(low)) and bool(torch.isfinite(high))
             out[key] = acc.numpy()
     return CheckedAverage(out, finite, lowest)
-
-
-@contextmanager
-def _one_torch_thread():
-    """Run torch kernels on the calling thread only, for the duration of the block.
-
-    An average is bound by memory bandwidth, so a second thread gains little;
-    but an OpenMP thread that must wait for a busy core stalls every kernel:
-    measured on the loaded 2-core development machine, one ``add_`` of 1e5
-    floats took 3.5 ms with 2 threads against 8 µs with one.
-    """
-    before = torch.get_num_threads()
-    if before != 1:
-        torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        if before != 1:
-            torch.set_num_threads(before)
 
 
 _TORCH_FLOATS = {np.dtype(np.float32): torch.float32, np.dtype(np.float64): torch.float64, np.dtype(np.float16): torch.float16}

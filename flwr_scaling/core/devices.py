@@ -9,6 +9,10 @@ live on the device; what goes on the wire is always moved to the CPU first
 
 from __future__ import annotations
 
+import os
+from collections.abc import Iterator
+from contextlib import contextmanager
+
 import torch
 
 from flwr_scaling.errors import ConfigError
@@ -70,3 +74,29 @@ def model_device(model: torch.nn.Module) -> torch.device:
     """The device of ``model``'s parameters (the CPU for a model without any)."""
     first = next(model.parameters(), None)
     return first.device if first is not None else torch.device("cpu")
+
+
+@contextmanager
+def torch_threads(count: int) -> Iterator[None]:
+    """Run torch's CPU kernels on ``count`` threads for the duration of the block, then restore the count.
+
+    The models here are small: a second thread gains little on an idle machine,
+    and on a busy one an OpenMP thread that waits for a core stalls every kernel
+    (measured on the loaded 2-core development machine: an a9a logreg round took
+    12-19 s with two threads against 0.25 s with one; the float64 L-BFGS solve of
+    a9a's f* took 80 s against 5.8 s; one ``add_`` of 1e5 floats 3.5 ms against 8 µs).
+    """
+    before = torch.get_num_threads()
+    if before != count:
+        torch.set_num_threads(count)
+    try:
+        yield
+    finally:
+        if before != count:
+            torch.set_num_threads(before)
+
+
+def run_threads() -> int:
+    """Torch threads of a run's server and clients: ``OMP_NUM_THREADS``, else 1 (what each simulation actor gets)."""
+    return int(os.environ.get("OMP_NUM_THREADS", "1"))
+

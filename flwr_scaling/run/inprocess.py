@@ -16,16 +16,14 @@ simulation engine; results are the same (``tests/test_inprocess.py``: equal
 
 from __future__ import annotations
 
-import contextlib
-import os
 from collections.abc import Iterable
 from pathlib import Path
 from uuid import uuid4
 
-import torch
 from flwr.app import Context, Error, Message, RecordDict
 from flwr.serverapp import Grid
 
+from flwr_scaling.core.devices import run_threads, torch_threads
 from flwr_scaling.protocol.flower_adapter import SUPERLINK_NODE_ID, ErrorCode, stamp_message, task_identity, wire_copy
 
 from flwr_scaling.run.checkpoint import Checkpoint
@@ -39,22 +37,6 @@ FIRST_NODE_ID = 1_000_001  # node ids are opaque to the strategy; it ranks nodes
 def server_identity():
     """Messages made in this process name the run and the server as their source, as in a ServerApp process."""
     return task_identity(task_id=1, run_id=RUN_ID, node_id=SUPERLINK_NODE_ID)
-
-
-@contextlib.contextmanager
-def _threads():
-    """One torch thread unless OMP_NUM_THREADS says otherwise, as each simulation actor has.
-
-    The models here are small: a second thread gains little on an idle machine,
-    and on a busy one the threads' spin-waiting costs dearly (an a9a logreg
-    round took 12-19 s with two threads at load 6, 0.25 s with one).
-    """
-    saved = torch.get_num_threads()
-    torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
-    try:
-        yield
-    finally:
-        torch.set_num_threads(saved)
 
 
 class InProcessGrid(Grid):
@@ -151,7 +133,7 @@ def run_inprocess(
     prepare_output(cfg, resume)
     quiet_flower(verbose)
     grid = InProcessGrid(client_app=client_app or default_client_app, num_nodes=cfg.num_clients)
-    with server_identity(), _threads(), without_known_notices():
+    with server_identity(), torch_threads(run_threads()), without_known_notices():
         run_server(grid, cfg, resume)
     metrics = Path(cfg.out) / "metrics.csv"
     rows = read_metrics(metrics) if metrics.exists() else []
