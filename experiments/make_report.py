@@ -249,11 +249,12 @@ def server_step_table(step_sweep: str, methods_sweep: str, title: str, setting: 
     with_step = next(iter(step[0].values()))
     options = tuned_options(step_sweep).get(SAVIC, {})
     out += [f"Tuned jointly on the validation split: {describe(options)}.", ""]
-    entries = [(SERVER_STEP, with_step), *[(m, by_method[m]) for m in (SAVIC, "fedyogi", "fedavg") if m in by_method]]
+    entries = [(SERVER_STEP, with_step),
+               *[(m, by_method[m]) for m in (SAVIC, "fedyogi", "local-adam", "fedavg") if m in by_method]]
     out += summary_table(entries, target_for(methods[1]), gap="a9a" in step_sweep)
     out += ["", links(step_sweep), ""]
     out += comparison_table([(setting, SERVER_STEP, with_step, other, by_method[other])
-                             for other in (SAVIC, "fedyogi") if other in by_method])
+                             for other in (SAVIC, "fedyogi", "local-adam") if other in by_method])
     out.append("")
 
 
@@ -356,8 +357,8 @@ def main() -> None:
         ("Question 6: a server step on top of SAVIC", [
             "SAVIC adam-local with a server step size η and heavy-ball server momentum μ (`--server-lr`, "
             "`--server-momentum`: m ← μ m + (mean x_m − x), x ← x + η m), its client step, η and μ tuned jointly "
-            "(`experiments/tuning/<problem>-server-step.toml`), against SAVIC at η = 1 and the jointly tuned "
-            "FedYogi (same seeds, from the methods sweep).", ""], section_server_step),
+            "(`experiments/tuning/<problem>-server-step.toml`), against SAVIC at η = 1, the jointly tuned "
+            "FedYogi and local Adam (same seeds, from the methods sweep).", ""], section_server_step),
     ]
     for title, intro, section in per_problem:
         out += [f"## {title}", "", *intro]
