@@ -17,7 +17,9 @@ import pytest
 import torch
 
 from flwr_scaling.cli import main
-from flwr_scaling.core.devices import DEVICE_CHOICES, device_problem, resolve_device, unavailable
+from flwr_scaling.core.devices import (
+    DEVICE_CHOICES, device_problem, resolve_device, run_threads, torch_threads, unavailable,
+)
 from flwr_scaling.data import federated as data_module
 from flwr_scaling.data import hub
 from flwr_scaling.errors import ConfigError
@@ -174,3 +176,22 @@ def test_resnet_is_the_default_for_3x32x32_hub_images_and_trains(cifar_like, tmp
     assert all(np.isfinite(row["test_loss"]) and 0.0 <= row["test_accuracy"] <= 1.0 for row in rows)
     saved = json.loads((tmp_path / "run" / "config.json").read_text(encoding="utf-8"))
     assert saved["model"] == "resnet" and saved["device"] == "auto"
+
+
+def test_torch_threads_sets_the_count_for_the_block_and_restores_it(monkeypatch):
+    before = torch.get_num_threads()
+    other = 1 if before != 1 else 2
+    with torch_threads(other):
+        assert torch.get_num_threads() == other
+    assert torch.get_num_threads() == before
+    with pytest.raises(RuntimeError, match="^inside$"), torch_threads(other):
+        raise RuntimeError("inside")
+    assert torch.get_num_threads() == before  # restored on an error too
+
+
+def test_a_runs_torch_threads_come_from_omp_num_threads_else_one(monkeypatch):
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    assert run_threads() == 1
+    monkeypatch.setenv("OMP_NUM_THREADS", "3")
+    assert run_threads() == 3
+
