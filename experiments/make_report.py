@@ -27,7 +27,7 @@ import statistics
 import tomllib
 from pathlib import Path
 
-from flwr_scaling.studies.statistics import paired_comparison, reach_summary, tuning_score
+from flwr_scaling.studies.statistics import honest_summary, paired_comparison, tuning_score
 
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results"
@@ -87,17 +87,6 @@ def last_value(rows: list[dict[str, float]], key: str) -> float:
     return values[-1] if values else math.nan
 
 
-def first_round(rows: list[dict[str, float]], target: float) -> int | None:
-    return next((int(r["round"]) for r in rows if r["test_accuracy"] >= target), None)
-
-
-def mb_to(rows: list[dict[str, float]], target: float) -> float:
-    first = first_round(rows, target)
-    if first is None:
-        return math.inf
-    return sum(r["bytes_down"] + r["bytes_up"] for r in rows if r["round"] <= first) / 1e6
-
-
 def mean_std(values: list[float], digits: int = 3) -> str:
     values = [v for v in values if not math.isnan(v)]
     if not values:
@@ -106,8 +95,7 @@ def mean_std(values: list[float], digits: int = 3) -> str:
     return text + (f" ± {statistics.stdev(values):.{digits}f}" if len(values) > 1 else "")
 
 
-def median_mb(values: list[float]) -> str:
-    middle = statistics.median(values)
+def median_mb(middle: float) -> str:
     return "never" if math.isinf(middle) else f"{middle:.2f}"
 
 
@@ -129,10 +117,11 @@ def summary_table(entries: list[tuple[str, Runs]], target: float, *, gap: bool =
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for label, runs in entries:
         rows = list(runs.values())
-        horizon = min(len(r) for r in rows)
-        reach = reach_summary([first_round(r, target) for r in rows], horizon)
-        cells = [label, str(len(rows)), mean_std([final(r) for r in rows]), mean_std([tuning_score(r) for r in rows]),
-                 reach.text(), median_mb([mb_to(r, target) for r in rows]),
+        honest = honest_summary(rows, target)  # the sweeps' own summary: tuning score, medians over all seeds
+        score = f"{honest['tuning_score_mean']:.3f}" + (
+            "" if honest["tuning_score_std"] is None else f" ± {honest['tuning_score_std']:.3f}")
+        cells = [label, str(len(rows)), mean_std([final(r) for r in rows]), score, honest["reach_text"],
+                 median_mb(honest["mb_to_target_median"]),
                  f"{statistics.fmean(sum(x['bytes_down'] + x['bytes_up'] for x in r) / 1e6 for r in rows):.2f}"]
         cells += [mean_std([final(r, "f_gap") for r in rows], 4)] if gap else []
         cells += [mean_std([last_value(r, "client_acc_worst10") for r in rows])] if worst else []
@@ -306,15 +295,10 @@ def timings() -> list[str]:
         rows = list(csv.DictReader(handle))
     tuning = sum(float(r["seconds"]) for r in rows if r["step"].startswith("tune "))
     sweeps = sum(float(r["seconds"]) for r in rows if r["step"].startswith("sweep "))
-    runs = sum(1 for name in RESULTS.glob("*/results.csv") for _ in _run_names(name))
+    runs = sum(len(json.loads(spec.read_text(encoding="utf-8"))["runs"]) for spec in RESULTS.glob("*/sweep.json"))
     return [f"Wall time of the whole study on the 2-core development machine, 2 runs at a time (`--workers 2`): "
             f"**{(tuning + sweeps) / 60:.0f} minutes** ({tuning / 60:.0f} min tuning, {sweeps / 60:.0f} min for the "
             f"{runs} runs of the sweeps; per step in [results/timings.csv](results/timings.csv))."]
-
-
-def _run_names(results_csv: Path) -> set[str]:
-    with open(results_csv, newline="", encoding="utf-8") as handle:
-        return {row["run"] for row in csv.DictReader(handle)}
 
 
 def main() -> None:

@@ -83,8 +83,10 @@ def torch_threads(count: int) -> Iterator[None]:
     The models here are small: a second thread gains little on an idle machine,
     and on a busy one an OpenMP thread that waits for a core stalls every kernel
     (measured on the loaded 2-core development machine: an a9a logreg round took
-    12-19 s with two threads against 0.25 s with one; the float64 L-BFGS solve of
-    a9a's f* took 80 s against 5.8 s; one ``add_`` of 1e5 floats 3.5 ms against 8 µs).
+    12-19 s with two threads against 0.25 s with one; one ``add_`` of 1e5 floats
+    3.5 ms against 8 µs; the simulation's round 1 at 1,000 a9a clients, which
+    solves f*, took 38.7 s before its server used one thread and 11.2 s after, the
+    latter on a quieter machine: BENCHMARKS §4).
     """
     before = torch.get_num_threads()
     if before != count:
@@ -99,4 +101,3 @@ def torch_threads(count: int) -> Iterator[None]:
 def run_threads() -> int:
     """Torch threads of a run's server and clients: ``OMP_NUM_THREADS``, else 1 (what each simulation actor gets)."""
     return int(os.environ.get("OMP_NUM_THREADS", "1"))
-
