@@ -126,6 +126,23 @@ def child(num_clients: int, rounds: int, out: str, flower_polling: bool = False)
     recorder.RunRecorder.initial = timed_initial
     # The start-up's parts: options, data and partition check, heatmap; Ray, actors and nodes up; node ranks.
     timed(simulation, "prepare_output", "prepare_output")
+    timed(simulation.RayStart, "wait", "ray_wait")
+    import flwr.simulation  # simulate imports run_simulation from it at each call
+
+    original_run = flwr.simulation.run_simulation
+
+    def marked_run(*args, **kwargs):
+        marks.setdefault("run_simulation", time.perf_counter())
+        return original_run(*args, **kwargs)
+
+    flwr.simulation.run_simulation = marked_run
+    original_wait = server_app.wait_for_nodes
+
+    def marked_wait(*args, **kwargs):
+        marks.setdefault("server_app", time.perf_counter())
+        return original_wait(*args, **kwargs)
+
+    server_app.wait_for_nodes = marked_wait
     timed(server_app, "wait_for_nodes", "wait_for_nodes")
     timed(server_app, "describe_nodes", "describe_nodes")
     start = time.perf_counter()
@@ -136,6 +153,7 @@ def child(num_clients: int, rounds: int, out: str, flower_polling: bool = False)
         "walls": [r["wall_s"] for r in rows],
         "startup": marks["initial"] - start,
         "startup_parts": parts,
+        "startup_marks": {name: mark - start for name, mark in marks.items()},
         "total": end - start,
         "driver_maxrss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
     }))
@@ -317,8 +335,16 @@ def main() -> None:
         print(f"| {name} | " + " | ".join(
             f"{statistics.median(r['startup_parts'].get(name, 0.0) for r in runs[label]):.1f}" for label, _, _ in setups
         ) + " |")
+    marks = sorted({name for runs_ in runs.values() for r in runs_ for name in r.get("startup_marks", {})},
+                   key=lambda name: statistics.median(r["startup_marks"].get(name, 0.0) for r in runs[setups[0][0]]))
+    for name in marks:
+        print(f"| at {name} (s after calling simulate) | " + " | ".join(
+            f"{statistics.median(r['startup_marks'].get(name, 0.0) for r in runs[label]):.1f}" for label, _, _ in setups
+        ) + " |")
     print()
-    print("prepare_output: options, data, the partition check and the heatmap; wait_for_nodes: from the ServerApp's")
+    print("prepare_output: options, data, the partition check and the heatmap; ray_wait: waiting for the Ray that")
+    print("started on a thread while prepare_output ran; run_simulation: Flower's simulation called; server_app:")
+    print("the ServerApp's first step; initial: the round-0 evaluation recorded; wait_for_nodes: from the ServerApp's")
     print("start until the simulation runtime has registered every node; describe_nodes: the node ranks from the")
     print("runtime's node -> partition map (no query per node in simulation; the actors then import the client code")
     print("with their first train message, in round 1).")

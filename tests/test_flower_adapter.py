@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import importlib
 import inspect
+import os
+import sys
 
 import numpy as np
 import pytest
@@ -181,3 +183,23 @@ def test_simulation_delivery_swaps_and_restores_both_globals():
         assert vce_api.add_messages_to_queue is replacement
         assert runtime.InMemoryGrid.__name__ == "Wrapped" and issubclass(runtime.InMemoryGrid, grid_class)
     assert (vce_api.add_messages_to_queue, runtime.InMemoryGrid) == (extractor, grid_class)
+
+
+def test_flowers_ray_backend_starts_ray_only_when_it_is_not_running():
+    # run.simulation starts Ray early with flower_ray_settings and relies on Flower then using it.
+    from flwr.server.superlink.fleet.vce.backend.raybackend import RayBackend
+
+    source = inspect.getsource(RayBackend.init_ray)
+    for needed in ("if not ray.is_initialized()", 'setdefault("include_dashboard", False)', "PYTHONPATH",
+                   'runtime_env={"env_vars": {"PYTHONPATH": pythonpath}}'):
+        assert needed in source, moved("RayBackend.init_ray", f"it no longer has {needed!r}")
+
+
+def test_flower_ray_settings_are_flowers_init_arguments(monkeypatch):
+    monkeypatch.setenv("PYTHONPATH", "/from/env")
+    settings = adapter.flower_ray_settings({"logging_level": 40, "log_to_driver": False})
+    expected = os.pathsep.join(sys.path) + os.pathsep + "/from/env"
+    assert settings == {"logging_level": 40, "log_to_driver": False, "include_dashboard": False,
+                        "runtime_env": {"env_vars": {"PYTHONPATH": expected}}}
+    assert os.environ["PYTHONPATH"] == expected  # exported, as Flower does, for processes started later
+    assert adapter.flower_ray_settings({"include_dashboard": True})["include_dashboard"] is True

@@ -92,8 +92,14 @@ def test_idx_header_cut_short(tmp_path):
         ("+1 0:1\n", ":1: indices must be 1-based and increasing, got 0 after 0"),
         ("+1 1:1 2:1\n-1 1:1 2:nan\n", ":2: value 'nan' at index 2 is not finite"),
         ("\n\n", ": no examples"),
+        ("+1 :1\n", ":1: expected index:value, got ':1'"),
+        ("+1 1:\n", ":1: expected index:value, got '1:'"),
+        ("+1 1:2:3\n", ":1: expected a number after 1:, got '2:3'"),
+        ("+1 \u0661:1\n", ":1: expected index:value, got '\u0661:1'"),
+        ("+1 -1:1\n", ":1: expected index:value, got '-1:1'"),
     ],
-    ids=["label", "value", "token", "order", "zero-index", "nan", "empty"],
+    ids=["label", "value", "token", "order", "zero-index", "nan", "empty", "no-index", "no-value", "two-colons",
+         "arabic-digit", "negative-index"],
 )
 def test_garbled_libsvm_names_file_line_and_expectation(tmp_path, text, message):
     path = tmp_path / "data.libsvm"

@@ -99,12 +99,13 @@ def load_federated_data(spec: DataSpec) -> FederatedData:
     server evaluates on 20 % of the training split instead (the clients train
     on the other 80 %): the split to choose step sizes on.
     """
-    from sklearn.model_selection import train_test_split
-
     seed = spec.seed
     source = load_source(spec.dataset, spec.label_column, spec.test_path)
     if spec.input_shape:
         source = reshaped(source, spec.input_shape, spec.dataset)
+    if source.test is None or spec.eval_split == "validation":
+        # Imported only for a split: scikit-learn takes 1-2 s to import, a simulation's start-up waits on it.
+        from sklearn.model_selection import train_test_split
     if source.test is not None:
         x_train, y_train = source.features, source.labels
         x_test, y_test = source.test

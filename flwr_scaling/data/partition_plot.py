@@ -13,6 +13,7 @@ from flwr_scaling.data.federated import PartitionSpec, cut_partition, partitione
 # Columns drawn at most: a wider heatmap is unreadable, and counting the labels of every partition is
 # what the plot's time goes into (3.4 s of a 1,000-client simulation's start-up, benchmarks/scale.py).
 MAX_PLOTTED_CLIENTS = 100
+VERBOSE_NAMES_NOTICE = "The verbose names can not be established"
 
 
 def plot_title(spec: PartitionSpec) -> str:
@@ -40,21 +41,23 @@ def plot_partitions(spec: PartitionSpec, path: str | os.PathLike) -> Path:
     target.parent.mkdir(parents=True, exist_ok=True)
     plotted = min(spec.num_partitions, MAX_PLOTTED_CLIENTS)
     width = min(4.0 + 0.35 * plotted, 40.0)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", UserWarning)
-        fig, _, _ = plot_label_distributions(
-            partitioner,
-            label_name="label",
-            plot_type="heatmap",
-            size_unit="absolute",
-            max_num_partitions=plotted,
-            partition_id_axis="x",
-            figsize=(width, 5.0),
-            title=plot_title(spec),
-            legend=True,
-            legend_title="examples",
-            plot_kwargs={"annot": spec.num_partitions <= 20},
-        )
+    # flwr-datasets warns at every plot that the label column is no ClassLabel (so the ids are the labels'
+    # names); a lasting filter for that one notice, not catch_warnings: simulate draws this on a thread
+    # while others run, and catch_warnings swaps the process-wide filter list.
+    warnings.filterwarnings("ignore", message=VERBOSE_NAMES_NOTICE, category=UserWarning)
+    fig, _, _ = plot_label_distributions(
+        partitioner,
+        label_name="label",
+        plot_type="heatmap",
+        size_unit="absolute",
+        max_num_partitions=plotted,
+        partition_id_axis="x",
+        figsize=(width, 5.0),
+        title=plot_title(spec),
+        legend=True,
+        legend_title="examples",
+        plot_kwargs={"annot": spec.num_partitions <= 20},
+    )
     fig.axes[0].set_xlabel("client (partition id)")
     fig.axes[0].set_ylabel("label")
     fig.tight_layout()
@@ -62,9 +65,7 @@ def plot_partitions(spec: PartitionSpec, path: str | os.PathLike) -> Path:
     try:
         with os.fdopen(handle, "wb") as out:
             fig.savefig(out, format="png", dpi=100)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes it 0600; give it a normal file's mode
+        os.chmod(tmp, 0o644)  # mkstemp makes 0600; as readable as the run's other outputs (run.outdir)
         os.replace(tmp, target)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

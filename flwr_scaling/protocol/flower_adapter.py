@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import contextlib
 import importlib
+import os
+import sys
 from collections.abc import Callable, Iterable, Iterator, Mapping
 
 import numpy as np
@@ -189,3 +191,24 @@ def simulation_delivery(
     finally:
         vce_api.add_messages_to_queue = extractor
         runtime.InMemoryGrid = grid_class
+
+
+# -------------------------------------------------------------------- Ray start-up
+def flower_ray_settings(init_args: Mapping[str, object]) -> dict[str, object]:
+    """The ``ray.init`` arguments Flower's Ray backend would use for the backend config's ``init_args``.
+
+    Flower 1.42.0, ``RayBackend.init_ray`` (``flwr/server/superlink/fleet/vce/backend/raybackend.py``):
+    unless Ray is initialised already, it exports this process's ``sys.path`` as ``PYTHONPATH`` (to
+    the environment and to the workers' ``runtime_env``, so that the actors import the app), turns
+    the dashboard off unless asked, and calls ``ray.init``. This does the same environment change and
+    returns the arguments, so that a Ray started early (``run.ray_start``) is the one Flower would
+    have started; Flower then finds it initialised and uses it.
+    """
+    settings = dict(init_args)
+    settings.setdefault("include_dashboard", False)
+    pythonpath = os.pathsep.join(sys.path)
+    if os.environ.get("PYTHONPATH"):
+        pythonpath = f"{pythonpath}{os.pathsep}{os.environ['PYTHONPATH']}"
+    os.environ["PYTHONPATH"] = pythonpath
+    settings["runtime_env"] = {"env_vars": {"PYTHONPATH": pythonpath}}
+    return settings

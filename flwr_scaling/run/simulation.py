@@ -13,13 +13,14 @@ from pathlib import Path
 
 from flwr_scaling.core.devices import cuda_available, run_threads, torch_threads, unavailable
 from flwr_scaling.errors import ConfigError
-from flwr_scaling.protocol.flower_adapter import simulation_delivery
+from flwr_scaling.protocol.flower_adapter import flower_ray_settings, simulation_delivery
 from flwr_scaling.run.checkpoint import Checkpoint
 from flwr_scaling.run.notices import without_known_notices
 from flwr_scaling.run.config import RunConfig, check_data_fits
 from flwr_scaling.data.federated import load_federated_data
 from flwr_scaling.data.partition_plot import plot_partitions
 from flwr_scaling.run.outdir import check_run_folder
+from flwr_scaling.run.ray_start import RayStart
 from flwr_scaling.run.recorder import read_metrics
 
 # Flower's simulation runtime moves messages by polling, 0.1 s on each side: a
@@ -166,14 +167,44 @@ def preflight(cfg: RunConfig) -> None:
     client_partition(cfg, 0)
 
 
-def prepare_output(cfg: RunConfig, resume: Checkpoint | None) -> None:
+HEATMAP = "partitions.png"  # who holds which labels
+
+
+def prepare_output(cfg: RunConfig, resume: Checkpoint | None, *, heatmap: bool = True) -> None:
     """Preflight ``cfg``, then make ``cfg.out`` ready: another run's results refused
-    unless the caller claimed the folder (``run.outdir``), the partition heatmap written."""
+    unless the caller claimed the folder (``run.outdir``), the partition heatmap written
+    (unless ``heatmap`` is False: the caller draws it, see ``HeatmapThread``)."""
     preflight(cfg)
     out = Path(cfg.out)
     check_run_folder(out, resume=resume is not None)  # nothing of another run is deleted or overwritten
     out.mkdir(parents=True, exist_ok=True)
-    plot_partitions(cfg.partition_spec(), out / "partitions.png")  # who holds which labels
+    if heatmap:
+        plot_partitions(cfg.partition_spec(), out / HEATMAP)
+
+
+class HeatmapThread:
+    """The partition heatmap drawn on a thread while the simulation starts (the actors take seconds to
+    import the client code; the heatmap was 0.6 s of a 1,000-node start-up, ``benchmarks/scale.py``).
+
+    ``finish()`` waits for it and raises its error, if any. ``preflight`` checked the settings
+    before, so an error here is a fault, not bad input.
+    """
+
+    def __init__(self, cfg: RunConfig) -> None:
+        self._problem: BaseException | None = None
+        self._thread = threading.Thread(target=self._draw, args=(cfg,), name="flwr-scaling-heatmap", daemon=True)
+        self._thread.start()
+
+    def _draw(self, cfg: RunConfig) -> None:
+        try:
+            plot_partitions(cfg.partition_spec(), Path(cfg.out) / HEATMAP)
+        except BaseException as problem:  # raised again by finish(), on the caller's thread
+            self._problem = problem
+
+    def finish(self) -> None:
+        self._thread.join()
+        if self._problem is not None:
+            raise self._problem
 
 
 def quiet_flower(verbose: bool) -> None:
@@ -218,21 +249,41 @@ def simulate(
 
     cfg = config.resolved()
     check_device(cfg)  # before the Ray check: "no CUDA here" is the first thing to fix
-    check_ray_resources(cfg, cluster=ray.is_initialized())  # initialised: attached to a cluster (--ray-address)
-    prepare_output(cfg, resume)
+    attached = ray.is_initialized()  # attached to a cluster (--ray-address)
+    check_ray_resources(cfg, cluster=attached)
+    cfg.validate()  # the options and the data spec (files exist), cheaply, before Ray starts
+    check_run_folder(Path(cfg.out), resume=resume is not None)
     out = Path(cfg.out)
     quiet_flower(verbose)
     # Ray's workers inherit this process's environment.
     os.environ.setdefault("OMP_NUM_THREADS", "1")
-    # The server's own torch work (evaluation, aggregation, logreg's f* solve) on as many threads as a client
-    # actor (see torch_threads; BENCHMARKS §4: round 1 at 1,000 a9a clients, 38.7 s before, 11.2 s after).
-    with _prompt_delivery(), without_known_notices(), torch_threads(run_threads()):
-        run_simulation(
-            server_app=make_server_app(cfg, resume),
-            client_app=client_app,
-            num_supernodes=cfg.num_clients,
-            backend_config=backend_config(cfg, verbose),
-        )
+    backend = backend_config(cfg, verbose)
+    with without_known_notices():
+        # Ray comes up while the data is read (BENCHMARKS §4: start-up at 1,000 nodes), the heatmap is drawn
+        # while the actors start;
+        # Flower's backend then finds it initialised and uses it. A failure below stops it before the error.
+        early = None if attached else RayStart(flower_ray_settings(backend["init_args"]))
+        heatmap = None
+        try:
+            prepare_output(cfg, resume, heatmap=False)
+            heatmap = HeatmapThread(cfg)
+            if early is not None:
+                early.wait()
+            # The server's own torch work (evaluation, aggregation, logreg's f* solve) on as many threads as a
+            # client actor (see torch_threads; BENCHMARKS §4: round 1 at 1,000 a9a clients, 38.7 s before,
+            # 11.2 s after).
+            with _prompt_delivery(), torch_threads(run_threads()):
+                run_simulation(
+                    server_app=make_server_app(cfg, resume),
+                    client_app=client_app,
+                    num_supernodes=cfg.num_clients,
+                    backend_config=backend,
+                )
+        finally:
+            if early is not None:
+                early.stop()  # Flower's backend shut Ray down at the end of a run; this ends the thread
+            if heatmap is not None:
+                heatmap.finish()
     metrics = out / "metrics.csv"
     rows = read_metrics(metrics) if metrics.exists() else []
     if len(rows) != cfg.rounds:

@@ -226,7 +226,8 @@ class ReplyScreen:
         self.weighted_by_key = weighted_by_key
         self.screen_factor = screen_factor
         self.max_num_examples = max_num_examples
-        self.example_bounds = dict(example_bounds or {})
+        # Kept as given, not copied: server_app.PartitionSizes computes a size only when a node replies.
+        self.example_bounds: Mapping[int, int] = example_bounds if example_bounds is not None else {}
         self.aggregation = aggregation
         self.trim_fraction = trim_fraction
 
