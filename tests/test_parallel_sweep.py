@@ -159,3 +159,52 @@ def test_a_killed_parallel_sweep_resumes_without_repeating_a_run(tmp_path, seria
             metrics_without_wall(serial / "runs" / name / "metrics.csv")
     for name, marker in done_before.items():  # not run again
         assert (out / "runs" / name / DONE).read_bytes() == marker
+
+
+# ------------------------------------------------------------------ start-up (BENCHMARKS §7: a command's fixed part)
+def test_the_local_ray_starts_on_a_thread_and_warms_every_worker_up_with_the_first_run(tmp_path):
+    import ray
+
+    from flwr_scaling.studies.parallel import start_local_ray
+
+    plan = load_sweep(sweep_file(tmp_path, "workers = 2"), tmp_path / "o")
+    assert start_local_ray(ParallelOptions(2, ray_address="127.0.0.1:1")) is None  # a cluster: attached later
+    starting = start_local_ray(plan.parallel, plan.runs[0].config)
+    try:
+        assert starting.wait() > 0
+        deadline = time.monotonic() + 30
+        while starting.started is None:  # the warm-up tasks are submitted on the thread, once Ray is up
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        assert ray.get(starting.started, timeout=300) == [None, None]  # both imported and preflighted the run
+    finally:
+        starting.stop(wait=False)
+        starting.stop()
+    assert not ray.is_initialized()
+    assert not (tmp_path / "o").exists()  # a warm-up writes nothing
+
+
+def test_a_corrupt_data_file_stops_the_early_ray_and_fails_before_any_run(tmp_path, monkeypatch):
+    import ray
+
+    from flwr_scaling.studies import runner
+
+    started = []
+    original = runner.start_local_ray
+
+    def recorded(*args):
+        started.append(original(*args))
+        return started[-1]
+
+    monkeypatch.setattr(runner, "start_local_ray", recorded)
+    data = tmp_path / "bad.libsvm"
+    data.write_text("+1 1:1\n-1 2:x\n" + "+1 1:1\n" * 40)  # the file exists (checked before Ray), line 2 is not
+    path = tmp_path / "grid.toml"
+    path.write_text(f'backend = "inprocess"\nworkers = 2\n[base]\ndataset = "libsvm:{data}"\nmodel = "logreg"\n'
+                    f'num-clients = 2\npartitioner = "iid"\nrounds = 1\n[grid]\nseed = [0, 1]\n', encoding="utf-8")
+    with pytest.raises(ConfigError) as raised:
+        run_sweep(path, tmp_path / "out")
+    assert str(raised.value) == f"{path}: run seed=0: {data}:2: expected a number after 2:, got 'x'"
+    assert len(started) == 1 and started[0] is not None  # Ray was starting while the data was read ...
+    assert not ray.is_initialized()  # ... and is stopped before the error
+    assert not (tmp_path / "out").exists()

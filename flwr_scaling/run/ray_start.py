@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 
@@ -31,13 +31,19 @@ class RayStart:
     ----------
     settings : mapping
         Keyword arguments of ``ray.init``.
+    then : callable, optional
+        Called on the thread once Ray is up (a sweep submits tasks that warm its workers up); what
+        it returns is kept in ``self.started`` and an error in it is ignored: it may only speed
+        things up.
     """
 
-    def __init__(self, settings: Mapping[str, Any]) -> None:
+    def __init__(self, settings: Mapping[str, Any], then: Callable[[], Any] | None = None) -> None:
         import ray  # imported here, not on the thread: two threads importing the same package can deadlock
 
         del ray
         self._settings = dict(settings)
+        self._then = then
+        self.started: Any = None
         self._ready = threading.Event()
         self._release = threading.Event()
         self._problem: BaseException | None = None
@@ -56,7 +62,14 @@ class RayStart:
         finally:
             self.seconds = time.perf_counter() - self._began
             self._ready.set()
+        if self._problem is None and self._then is not None:
+            try:
+                self.started = self._then()
+            except Exception:  # noqa: BLE001 - an optional speed-up; the real work reports real faults
+                pass
         self._release.wait()  # see the module docstring: Ray's processes die with this thread
+        if self._problem is None and ray.is_initialized():
+            ray.shutdown()  # here, so that stop(wait=False) returns at once (it takes 1-2 s)
 
     def wait(self) -> float:
         """Block until Ray is up; return how long ``ray.init`` took, or raise its error."""
@@ -66,16 +79,13 @@ class RayStart:
             raise self._problem
         return self.seconds
 
-    def stop(self) -> None:
-        """Shut down the Ray this started (after ``ray.init`` has returned) and end the thread."""
-        import ray
-
+    def stop(self, wait: bool = True) -> None:
+        """Shut down the Ray this started (unless something else did, as Flower's backend does) and end
+        the thread, once ``ray.init`` has returned; ``wait=False`` returns while the thread shuts Ray
+        down (a sweep writes its report meanwhile), and a later ``stop()`` waits for it."""
         self._ready.wait()
-        try:
-            if self._problem is None and ray.is_initialized():
-                ray.shutdown()
-        finally:
-            self._release.set()
+        self._release.set()
+        if wait:
             self._thread.join()
 
 

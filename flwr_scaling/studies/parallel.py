@@ -38,6 +38,7 @@ from flwr_scaling.run.checkpoint import CHECKPOINT, Checkpoint
 from flwr_scaling.run.config import ConfigError, RunConfig
 from flwr_scaling.run.outdir import write_atomic
 from flwr_scaling.run.ray_cluster import attach, check_address
+from flwr_scaling.run.ray_start import RayStart
 from flwr_scaling.studies.logs import output_to
 from flwr_scaling.studies.state import LOG, METRICS, completed_rows, mark_done
 
@@ -148,6 +149,15 @@ def run_in_task(config: RunConfig, resume: Checkpoint | None) -> Iterator[dict[s
         shutil.rmtree(scratch, ignore_errors=True)
 
 
+def warm_worker(config: RunConfig) -> None:
+    """A Ray task that imports what a run imports and loads its data and partitions (kept per process),
+    while the driver still checks the sweep: each worker's first run used to wait about 6 s for it."""
+    from flwr_scaling.run.inprocess import run_inprocess  # noqa: F401  (torch, Flower, the apps)
+    from flwr_scaling.run.simulation import preflight
+
+    preflight(config)
+
+
 # ----------------------------------------------------------------- on the driver
 def _store(folder: Path, files: dict[str, bytes], append_log: bool) -> None:
     """Write a run's returned files into its folder: ``config.json`` names the real folder; the log may append."""
@@ -162,17 +172,8 @@ def _store(folder: Path, files: dict[str, bytes], append_log: bool) -> None:
         write_atomic(folder / name, data)
 
 
-def _start_ray(options: ParallelOptions) -> tuple[bool, float]:
-    """Attach to the cluster or start a local Ray; return (whether we started it, seconds it took)."""
-    import ray
-
-
-    began = time.perf_counter()
-    if ray.is_initialized():
-        return False, 0.0
-    if options.ray_address is not None:
-        attach(options.ray_address)
-        return True, time.perf_counter() - began
+def _local_settings(options: ParallelOptions) -> dict[str, Any]:
+    """``ray.init`` arguments of a sweep's own local Ray."""
     # Ray runs its workers at niceness 15 (to keep its own processes responsive); here the tasks are the work,
     # and at 15 they get almost no CPU on a machine that other programs keep busy (measured: --workers 2 was
     # no faster than 1 at load 9 on 2 cores). A cluster's nodes set this with `RAY_worker_niceness=0 ray start`.
@@ -180,8 +181,40 @@ def _start_ray(options: ParallelOptions) -> tuple[bool, float]:
                                 "object_store_memory": LOCAL_OBJECT_STORE, "_system_config": {"worker_niceness": 0}}
     if not options.gpus_per_run:  # a GPU sweep lets Ray find the GPUs and the cores
         settings["num_cpus"] = max(1, int(round(options.workers * options.cpus_per_run)))
+    return settings
+
+
+def start_local_ray(options: ParallelOptions, warm: RunConfig | None = None) -> RayStart | None:
+    """Begin starting the sweep's local Ray on a thread (``run.ray_start``), so that it comes up while the
+    driver checks the runs; once up, each worker imports and loads what ``warm`` (the first run to do)
+    needs. None when the sweep attaches to a cluster or Ray is running already (``run_parallel`` does it)."""
+    import ray
+
+    if options.ray_address is not None or ray.is_initialized():
+        return None
+
+    def warm_up() -> list[Any]:
+        task = ray.remote(num_cpus=options.cpus_per_run, num_gpus=options.gpus_per_run, max_retries=0)(warm_worker)
+        return [task.remote(warm) for _ in range(options.workers)]
+
+    return RayStart(_local_settings(options), then=warm_up if warm is not None else None)
+
+
+def _start_ray(options: ParallelOptions, starting: RayStart | None) -> tuple[bool, float]:
+    """Attach to the cluster or start a local Ray (or wait for ``starting``); return (whether this
+    sweep started it, seconds it took)."""
+    import ray
+
+    began = time.perf_counter()
     try:
-        ray.init(**settings)
+        if starting is not None:
+            return True, starting.wait()
+        if ray.is_initialized():
+            return False, 0.0
+        if options.ray_address is not None:
+            attach(options.ray_address)
+            return True, time.perf_counter() - began
+        ray.init(**_local_settings(options))
     except (ConnectionError, ValueError, RuntimeError) as problem:
         raise RuntimeError(f"Ray did not start: {first_line(problem)}") from None
     return True, time.perf_counter() - began
@@ -197,18 +230,19 @@ class _Job:
 
 
 def run_parallel(jobs: list[tuple[Any, Checkpoint | None]], options: ParallelOptions, total: int,
-                 finished_before: int, say: Callable[[str], None]) -> tuple[int, list[str], dict[str, str]]:
+                 finished_before: int, say: Callable[[str], None],
+                 starting: RayStart | None = None) -> tuple[int, list[str], dict[str, str]]:
     """Run ``jobs`` (each a run and the checkpoint it resumes from) as Ray tasks, ``options.workers`` at a time.
 
     Prints one line per finished or failed run (with the ETA across workers).
     Returns (runs finished now, failed run names, node id of every run that
     returned). KeyboardInterrupt cancels the tasks and is re-raised; the runs'
-    folders keep their last checkpoint.
+    folders keep their last checkpoint. ``starting``: the local Ray that
+    ``start_local_ray`` began (stopped here at the end).
     """
     import ray
 
-
-    started, startup = _start_ray(options)
+    started, startup = _start_ray(options, starting)
     how = "attached" if options.ray_address or not started else "started"
     say(f"Ray {how} in {startup:.1f} s"
         f"{' at ' + options.ray_address if options.ray_address else ''}; {options.workers} runs at a time, "
@@ -269,7 +303,9 @@ def run_parallel(jobs: list[tuple[Any, Checkpoint | None]], options: ParallelOpt
             f"continue (finished runs are kept, interrupted ones resume from their last checkpoint)")
         raise
     finally:
-        if started:
+        if starting is not None:
+            starting.stop(wait=False)  # Ray shuts down while the report is written; run_sweep waits for it
+        elif started:
             ray.shutdown()
     return len(durations), failed, nodes
 
@@ -286,4 +322,4 @@ def clock_text(seconds: float) -> str:
     return f"{secs}s"
 
 
-__all__ = ["ParallelOptions", "parallel_options", "run_in_task", "run_parallel"]
+__all__ = ["ParallelOptions", "parallel_options", "run_in_task", "run_parallel", "start_local_ray", "warm_worker"]

@@ -21,9 +21,8 @@ A sweep file (TOML)::
     [method-options.fedavg]            # optional; run options for one method (e.g. its tuned lr); a block
     lr = 0.4                           # for a method not in [grid] method is ignored (with a note)
 
-Everything is validated before the first run starts (``load_sweep``); nothing
-is written here. Each run is named by its grid values
-(``method=fedavg,dirichlet-alpha=0.1,seed=0``) and writes to ``OUT/runs/<name>``.
+Everything is validated before the first run starts (``load_sweep``); nothing is written here. Each run
+is named by its grid values (``method=fedavg,seed=0``) and writes to ``OUT/runs/<name>``.
 """
 
 from __future__ import annotations
@@ -94,12 +93,15 @@ class Sweep:
         }
 
 
-def load_sweep(path: str | Path, out: str | Path | None = None, parallel: Mapping[str, Any] | None = None) -> Sweep:
+def load_sweep(path: str | Path, out: str | Path | None = None, parallel: Mapping[str, Any] | None = None, *,
+               preflight_runs: bool = True) -> Sweep:
     """Read and validate a sweep file; every run is resolved and preflighted. Nothing is written.
 
     ``out`` overrides the file's ``out``; ``parallel`` (``PARALLEL_KEYS`` to
     values, ``None`` for not given: the command line's) overrides the file's. Raises ConfigError with one line that
-    names the file and the key (or the run) at fault.
+    names the file and the key (or the run) at fault. With ``preflight_runs=False`` the runs' data and
+    partitions are not checked (the seconds of it: imports and data loading); ``preflight_sweep`` does it
+    later (a parallel sweep starts Ray first).
     """
     where = str(path)
 
@@ -212,14 +214,27 @@ def load_sweep(path: str | Path, out: str | Path | None = None, parallel: Mappin
                 options[key] = value
         try:
             config = replace(RunConfig.from_mapping(options), out=str(Path(folder) / RUNS / name)).resolved()
-            preflight(config)
+            config.validate()  # the options and that the data files exist: cheap
         except (ValueError, OSError) as problem:  # ConfigError included; OSError: data that cannot be read
             raise error(f"run {name}: {first_line(problem)}") from None
         if isinstance(target, dict) and DEFAULT_KEY not in target and value_text(config.dirichlet_alpha) not in target:
             raise error(f"target-accuracy names no target for dirichlet-alpha {value_text(config.dirichlet_alpha)} "
                         f"(run {name}); add \"{value_text(config.dirichlet_alpha)}\" = T or default = T")
         runs.append(SweepRun(name, values, config))
-    return Sweep(where, Path(folder), target, grid, tuple(runs), backend, spread, tuple(notes))
+    sweep = Sweep(where, Path(folder), target, grid, tuple(runs), backend, spread, tuple(notes))
+    if preflight_runs:
+        preflight_sweep(sweep)
+    return sweep
+
+
+def preflight_sweep(sweep: Sweep) -> None:
+    """Every run's data and partitions checked (``run.simulation.preflight``), in run order; ConfigError
+    (one line naming the file and the run) for the first that cannot work."""
+    for run in sweep.runs:
+        try:
+            preflight(run.config)
+        except (ValueError, OSError) as problem:  # ConfigError included; OSError: data that cannot be read
+            raise ConfigError(f"{sweep.source}: run {run.name}: {first_line(problem)}") from None
 
 
 def target_for(target: float | Mapping[str, float], alpha: Any) -> float:
@@ -382,4 +397,4 @@ def _suggest(word: str, choices: Sequence[str]) -> str:
     return f"; did you mean {close[0]!r}?" if close else f"; known: {', '.join(choices)}"
 
 
-__all__ = ["METHOD", "SEED", "Sweep", "SweepRun", "load_sweep", "run_name", "value_text", "target_for"]
+__all__ = ["METHOD", "SEED", "Sweep", "SweepRun", "load_sweep", "preflight_sweep", "run_name", "value_text", "target_for"]

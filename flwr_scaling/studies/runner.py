@@ -23,9 +23,11 @@ from flwr_scaling.run.config import ConfigError
 from flwr_scaling.run.inprocess import BACKENDS, runner_for
 from flwr_scaling.run.outdir import claim_output
 from flwr_scaling.run.recorder import write_atomic
-from flwr_scaling.studies.parallel import clock_text, run_parallel
+from flwr_scaling.run.notices import without_known_notices
+from flwr_scaling.run.ray_start import RayStart
+from flwr_scaling.studies.parallel import clock_text, run_parallel, start_local_ray
 from flwr_scaling.studies.logs import output_to
-from flwr_scaling.studies.plan import load_sweep
+from flwr_scaling.studies.plan import load_sweep, preflight_sweep
 from flwr_scaling.studies.report import write_sweep_report
 from flwr_scaling.studies.state import (
     DONE, LOG, SWEEP_JSON, clear_run_folder, same_config, completed_rows, is_finished, mark_done, resumable_checkpoint,
@@ -61,18 +63,29 @@ def run_sweep(
     go on, and the sweep ends with RuntimeError naming the failed runs.
     """
     stream = stream if stream is not None else sys.stdout
-    sweep = load_sweep(path, out, parallel)
+    sweep = load_sweep(path, out, parallel, preflight_runs=False)
     if backend is not None:
         if backend not in BACKENDS:
             raise ConfigError(f"backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
         sweep = replace(sweep, backend=backend)
     runner = runner or runner_for(sweep.backend)
-    # Only the lock: the sweep's own files are judged run by run (finished ones are kept).
-    with claim_output(sweep.out, what="sweep", results=(), outputs=()):
-        return _run_claimed(sweep, runner, stream, overwrite)
+    # A parallel sweep's Ray starts while the runs' data is checked, and warms its workers up with the
+    # first run to do (BENCHMARKS §7: the fixed seconds of a sweep command); the check fails before any
+    # run starts, as for a serial sweep, and Ray is stopped then.
+    pending = [run for run in sweep.runs if not is_finished(Path(run.config.out), run.config.to_flower())]
+    with without_known_notices():  # ray.init's notice, printed on the thread that starts Ray
+        starting = start_local_ray(sweep.parallel, pending[0].config) if sweep.parallel and pending else None
+        try:
+            preflight_sweep(sweep)
+            # Only the lock: the sweep's own files are judged run by run (finished ones are kept).
+            with claim_output(sweep.out, what="sweep", results=(), outputs=()):
+                return _run_claimed(sweep, runner, stream, overwrite, starting)
+        finally:
+            if starting is not None:
+                starting.stop()
 
 
-def _run_claimed(sweep, runner: Runner, stream: TextIO, overwrite: bool) -> Path:
+def _run_claimed(sweep, runner: Runner, stream: TextIO, overwrite: bool, starting: RayStart | None) -> Path:
     """``run_sweep`` once the sweep folder is locked."""
     replaced = [run.name for run in sweep.runs if _finished_otherwise(Path(run.config.out), run.config.to_flower())]
     if replaced and not overwrite:  # a finished run is never rerun over its results unless asked
@@ -96,7 +109,7 @@ def _run_claimed(sweep, runner: Runner, stream: TextIO, overwrite: bool) -> Path
         say(f"note: {note}")
     start = time.perf_counter()
     if sweep.parallel is not None:
-        return _run_in_parallel(sweep, finished, say, start)
+        return _run_in_parallel(sweep, finished, say, start, starting)
     durations: list[float] = []
     for index, (run, done) in enumerate(zip(sweep.runs, finished), start=1):
         prefix = f"[{index}/{total}] {run.name}"
@@ -153,7 +166,8 @@ def prepare_run_folder(run):
     return checkpoint
 
 
-def _run_in_parallel(sweep, finished: list[bool], say: Callable[[str], None], start: float) -> Path:
+def _run_in_parallel(sweep, finished: list[bool], say: Callable[[str], None], start: float,
+                     starting: RayStart | None) -> Path:
     """The unfinished runs as Ray tasks (``parallel.py``), each folder prepared as the serial loop does."""
     jobs = []
     for index, (run, done) in enumerate(zip(sweep.runs, finished), start=1):
@@ -161,7 +175,7 @@ def _run_in_parallel(sweep, finished: list[bool], say: Callable[[str], None], st
             say(f"[{index}/{len(finished)}] {run.name} ... finished already, skipped")
             continue
         jobs.append((run, prepare_run_folder(run)))
-    ran, failed, _ = run_parallel(jobs, sweep.parallel, len(finished), sum(finished), say)
+    ran, failed, _ = run_parallel(jobs, sweep.parallel, len(finished), sum(finished), say, starting)
     if ran or any(finished):
         write_sweep_report(sweep.out)
     total = len(finished)
