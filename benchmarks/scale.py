@@ -238,7 +238,7 @@ class TreeSampler(threading.Thread):
 
 
 def run_child(num_clients: int, rounds: int, workdir: Path, flower_polling: bool = False) -> dict:
-    out = workdir / f"clients-{num_clients}"
+    out = Path(tempfile.mkdtemp(prefix=f"clients-{num_clients}-", dir=workdir))  # a fresh folder per repeat
     command = [sys.executable, __file__, "--child", str(num_clients), "--rounds", str(rounds), "--out", str(out)]
     if flower_polling:
         command.append("--flower-polling")
