@@ -153,7 +153,8 @@ def check_ray_resources(cfg: RunConfig, *, cluster: bool) -> None:
 
 
 def preflight(cfg: RunConfig) -> None:
-    """Everything that can fail cheaply, before Ray starts: options, device, data, partitions."""
+    """Everything that can fail before the first round: options, device, data, partitions (``simulate``
+    starts Ray meanwhile, after the options and the files' existence passed, and stops it if this fails)."""
     from flwr_scaling.clients.logic import client_partition
 
     cfg.validate()
