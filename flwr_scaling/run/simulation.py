@@ -260,9 +260,9 @@ def simulate(
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     backend = backend_config(cfg, verbose)
     with without_known_notices():
-        # Ray comes up while the data is read (BENCHMARKS §4: start-up at 1,000 nodes), the heatmap is drawn
-        # while the actors start;
-        # Flower's backend then finds it initialised and uses it. A failure below stops it before the error.
+        # Ray comes up while the data is read, and the heatmap is drawn while the actors start (BENCHMARKS §4:
+        # start-up at 1,000 nodes); Flower's backend finds Ray initialised and uses it. A failure below stops
+        # Ray before the error.
         early = None if attached else RayStart(flower_ray_settings(backend["init_args"]))
         heatmap = None
         try:

@@ -206,14 +206,14 @@ def _start_ray(options: ParallelOptions, starting: RayStart | None) -> tuple[boo
     import ray
 
     began = time.perf_counter()
+    if starting is None and ray.is_initialized():
+        return False, 0.0
+    if starting is None and options.ray_address is not None:
+        attach(options.ray_address)  # its own one-line ConfigError
+        return True, time.perf_counter() - began
     try:
         if starting is not None:
             return True, starting.wait()
-        if ray.is_initialized():
-            return False, 0.0
-        if options.ray_address is not None:
-            attach(options.ray_address)
-            return True, time.perf_counter() - began
         ray.init(**_local_settings(options))
     except (ConnectionError, ValueError, RuntimeError) as problem:
         raise RuntimeError(f"Ray did not start: {first_line(problem)}") from None

@@ -72,9 +72,10 @@ def run_sweep(
     # A parallel sweep's Ray starts while the runs' data is checked, and warms its workers up with the
     # first run to do (BENCHMARKS §7: the fixed seconds of a sweep command); the check fails before any
     # run starts, as for a serial sweep, and Ray is stopped then.
-    pending = [run for run in sweep.runs if not is_finished(Path(run.config.out), run.config.to_flower())]
+    first = None if sweep.parallel is None else next(
+        (run for run in sweep.runs if not is_finished(Path(run.config.out), run.config.to_flower())), None)
     with without_known_notices():  # ray.init's notice, printed on the thread that starts Ray
-        starting = start_local_ray(sweep.parallel, pending[0].config) if sweep.parallel and pending else None
+        starting = start_local_ray(sweep.parallel, first.config) if first is not None else None
         try:
             preflight_sweep(sweep)
             # Only the lock: the sweep's own files are judged run by run (finished ones are kept).
