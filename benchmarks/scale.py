@@ -17,7 +17,8 @@ Each run is a fresh child process (``--child``) calling
 * ``wall_s`` per round from ``metrics.csv``: steady state = median over rounds
   ``--skip + 1`` to the last;
 * start-up: from calling ``simulate`` to the round-0 evaluation (options,
-  data, partition checks, the heatmap, Ray, the actors, the node ranks);
+  data, partition check, Ray, the node ranks; the heatmap and the actors'
+  start overlap it);
 * the server process's peak resident memory (``ru_maxrss``: the driver holds
   the ServerApp, Flower's in-memory LinkState with one entry per node, and the
   simulation runtime's per-node contexts).
@@ -29,7 +30,9 @@ size: shared libraries such as torch counted once across processes, so it is
 the honest total), and the peak RSS of the actors alone.
 
 The start-up is also split into its parts: ``prepare_output`` (options,
-data, the partition check, the heatmap), ``wait_for_nodes`` (Ray, the actors
+data, the partition check), ``ray_init`` (Ray's own start, on a thread that
+began before ``prepare_output``), ``ray_wait`` (how much of it was left when
+``prepare_output`` ended), ``wait_for_nodes`` (Ray, the actors
 and the runtime registering every node) and ``describe_nodes`` (the node
 ranks: in simulation from the runtime's node -> partition map, no message;
 it used to ask every node, one message per node through Ray). Round 1 holds
@@ -124,9 +127,17 @@ def child(num_clients: int, rounds: int, out: str, flower_polling: bool = False)
         setattr(owner, name, wrapper)
 
     recorder.RunRecorder.initial = timed_initial
-    # The start-up's parts: options, data and partition check, heatmap; Ray, actors and nodes up; node ranks.
+    # The start-up's parts: options, data and partition check; Ray, actors and nodes up; node ranks.
     timed(simulation, "prepare_output", "prepare_output")
     timed(simulation.RayStart, "wait", "ray_wait")
+    ray_wait = simulation.RayStart.wait
+
+    def ray_init_seconds(self):  # how long ray.init itself took (RayStart.wait returns it)
+        seconds = ray_wait(self)
+        parts["ray_init"] = seconds
+        return seconds
+
+    simulation.RayStart.wait = ray_init_seconds
     import flwr.simulation  # simulate imports run_simulation from it at each call
 
     original_run = flwr.simulation.run_simulation
@@ -342,9 +353,10 @@ def main() -> None:
             f"{statistics.median(r['startup_marks'].get(name, 0.0) for r in runs[label]):.1f}" for label, _, _ in setups
         ) + " |")
     print()
-    print("prepare_output: options, data, the partition check and the heatmap; ray_wait: waiting for the Ray that")
-    print("started on a thread while prepare_output ran; run_simulation: Flower's simulation called; server_app:")
-    print("the ServerApp's first step; initial: the round-0 evaluation recorded; wait_for_nodes: from the ServerApp's")
+    print("prepare_output: options, data and the partition check; ray_init: ray.init on its thread, begun before")
+    print("prepare_output; ray_wait: waiting for that Ray after prepare_output (the heatmap is drawn on a thread")
+    print("from then on); run_simulation: Flower's simulation called; server_app: the ServerApp's first step;")
+    print("initial: the round-0 evaluation recorded; wait_for_nodes: from the ServerApp's")
     print("start until the simulation runtime has registered every node; describe_nodes: the node ranks from the")
     print("runtime's node -> partition map (no query per node in simulation; the actors then import the client code")
     print("with their first train message, in round 1).")

@@ -157,3 +157,40 @@ def test_built_in_partitioners_check_their_settings_up_front():
         load_partition(PartitionSpec(unloadable, 3, 0.5, "shard", 0), 0)
     with pytest.raises(ValueError, match="^partitioner: unknown value 'sorted'; choose one of dirichlet, iid, shard$"):
         load_partition(PartitionSpec(unloadable, 3, 0.5, "sorted"), 0)
+
+
+def test_a_registered_precheck_judges_the_split_without_building_it():
+    """With ``precheck`` a run's preflight decides on the labels and never builds the partitioner; without
+    it partition 0 is cut (the sorted entry above is checked that way)."""
+    from flwr_scaling.data.federated import check_partition
+
+    seen = []
+
+    def build_nothing(spec: PartitionSpec, labels: np.ndarray):
+        raise AssertionError("the preflight check built the partitioner")
+
+    def at_most_classes(spec: PartitionSpec, labels: np.ndarray) -> None:
+        seen.append(len(labels))
+        if spec.num_partitions > len(np.unique(labels)):
+            raise ValueError(f"one class per client: use at most {len(np.unique(labels))} clients")
+
+    register_partitioner("by-class", build_nothing, precheck=at_most_classes)
+    try:
+        check_partition(PartitionSpec(DataSpec(), 10, 0.5, "by-class"))
+        with pytest.raises(ValueError, match="^one class per client: use at most 10 clients$"):
+            check_partition(PartitionSpec(DataSpec(), 11, 0.5, "by-class"))
+        assert seen == [1437, 1437]  # digits' training labels, both times
+    finally:
+        unregister_partitioner("by-class")
+
+
+def test_a_partitioner_without_precheck_is_checked_by_cutting(sorted_partitioner, monkeypatch):
+    from flwr_scaling.data import federated
+
+    cut = []
+    original = federated.cut_partition
+    monkeypatch.setattr(federated, "cut_partition", lambda spec, pid: cut.append(pid) or original(spec, pid))
+    federated.check_partition(PartitionSpec(DataSpec(), 5, 0.5, "sorted"))
+    assert cut == [0]
+    with pytest.raises(ValueError, match="^a sorted split takes at most 10 clients, got 11$"):
+        federated.check_partition(PartitionSpec(DataSpec(), 11, 0.5, "sorted"))

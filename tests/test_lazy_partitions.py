@@ -76,10 +76,12 @@ def test_indices_are_read_only_and_dropped_with_the_partitioner():
     np.testing.assert_array_equal(partition_indices(spec, 2), indices)
 
 
-def test_preflight_cuts_one_partition_of_many(calls):
-    """The pre-Ray check of a 100-client run asks flwr-datasets for partition 0 only."""
+@pytest.mark.parametrize("partitioner, cut", [("dirichlet", [0]), ("iid", []), ("shard", [])])
+def test_preflight_cuts_at_most_one_partition_of_many(calls, partitioner, cut):
+    """The pre-Ray check of a 100-client run asks flwr-datasets for partition 0 of a Dirichlet split and for
+    none of an iid or shard split (judged on the labels: ``check_partition``)."""
     from flwr_scaling.run.config import RunConfig
     from flwr_scaling.run.simulation import preflight
 
-    preflight(RunConfig(num_clients=100, partitioner="iid").resolved())
-    assert calls == [0]
+    preflight(RunConfig(num_clients=100, partitioner=partitioner, dirichlet_alpha=5.0).resolved())
+    assert calls == cut

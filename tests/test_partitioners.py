@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from flwr_scaling.data import federated as data_module
-from flwr_scaling.data.federated import DataSpec, PartitionSpec, load_federated_data, load_partition
+from flwr_scaling.data.federated import DataSpec, PartitionSpec, check_partition, load_federated_data, load_partition
 from flwr_scaling.data.partition_plot import plot_partitions
 
 DIGITS = DataSpec()
@@ -120,9 +120,11 @@ def test_shard_class_pairs_depend_on_the_seed():
     ],
     ids=["shard-too-many-classes", "shard-too-many-clients", "iid-too-many-clients", "dirichlet", "unknown"],
 )
-def test_impossible_settings_give_one_line(spec, message):
+@pytest.mark.parametrize("check", [lambda spec: load_partition(spec, 0), check_partition], ids=["cut", "check"])
+def test_impossible_settings_give_one_line(spec, message, check):
+    """Cutting a partition and the run's preflight check (``check_partition``) say the same."""
     with pytest.raises(ValueError) as error:
-        load_partition(spec, 0)
+        check(spec)
     assert "\n" not in str(error.value) and message in str(error.value)
 
 
@@ -137,6 +139,35 @@ def test_shard_feasibility_is_exact():
     assert all(len(p) >= 1 for p in parts(ok))
     with pytest.raises(ValueError, match="at most 139 clients"):
         load_partition(PartitionSpec(DIGITS, 140, 0.5, "shard", 10), 0)
+    check_partition(ok)  # the preflight's check, on the labels alone, draws the same line
+    with pytest.raises(ValueError, match="at most 139 clients"):
+        check_partition(PartitionSpec(DIGITS, 140, 0.5, "shard", 10))
+
+
+def test_iid_check_is_exact():
+    check_partition(PartitionSpec(DIGITS, TRAIN, 0.5, "iid"))  # one example each
+    assert min(len(p) for p in parts(PartitionSpec(DIGITS, TRAIN, 0.5, "iid"))) == 1
+    with pytest.raises(ValueError, match=f"use at most {TRAIN} clients"):
+        check_partition(PartitionSpec(DIGITS, TRAIN + 1, 0.5, "iid"))
+
+
+def test_check_says_the_shard_caveat():
+    with pytest.warns(UserWarning, match="leave 5 of the 10 classes to no client"):
+        check_partition(PartitionSpec(DIGITS, 3, 0.5, "shard", 3))
+
+
+@pytest.mark.parametrize("partitioner, imported", [("iid", False), ("shard", False), ("dirichlet", True)])
+def test_check_builds_no_flwr_datasets_partitioner_for_iid_and_shard(partitioner, imported):
+    """Importing flwr-datasets (and datasets, seaborn, scipy with it) is 2 s of a simulation's start-up: the
+    preflight check of an iid or shard split does without it; a Dirichlet split must be cut to be judged."""
+    import subprocess
+    import sys
+
+    code = ("import sys; from flwr_scaling.data.federated import DataSpec, PartitionSpec, check_partition; "
+            f"check_partition(PartitionSpec(DataSpec(), 10, 0.5, {partitioner!r})); "
+            "print(sorted(m for m in ('flwr_datasets', 'datasets') if m in sys.modules))")
+    printed = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert printed.strip() == ("['datasets', 'flwr_datasets']" if imported else "[]")
 
 
 @pytest.mark.parametrize("partitioner", ["dirichlet", "shard"])

@@ -218,11 +218,33 @@ def cut_partition(spec: PartitionSpec, partition_id: int):
             f"with dirichlet-alpha {spec.dirichlet_alpha} cannot give every client "
             f"{MIN_PARTITION_SIZE} examples; {fix} a larger dirichlet-alpha"
         ) from None
-    if partition_id == 0 and kind.warning is not None:
-        caveat = kind.warning(spec, data.train.labels)
-        if caveat:
-            warnings.warn(caveat, stacklevel=3)
+    if partition_id == 0:
+        _say_caveat(kind, spec, data.train.labels)
     return part
+
+
+def _say_caveat(kind, spec: PartitionSpec, labels: np.ndarray) -> None:
+    caveat = kind.warning(spec, labels) if kind.warning is not None else None
+    if caveat:
+        warnings.warn(caveat, stacklevel=4)
+
+
+def check_partition(spec: PartitionSpec) -> None:
+    """One-line ValueError unless ``spec`` gives every client data, as ``cut_partition`` checks it; the
+    entry's caveat is said.
+
+    Entries with a ``precheck`` (iid, shard) are judged on the labels without
+    building the flwr-datasets partitioner; the others (Dirichlet, which assigns
+    every row at the first request and fails unless every client gets
+    MIN_PARTITION_SIZE) by cutting partition 0.
+    """
+    kind = partitioner_kind(spec)
+    if kind.precheck is None:
+        cut_partition(spec, 0)
+        return
+    labels = load_federated_data(spec.data).train.labels
+    kind.precheck(spec, labels)
+    _say_caveat(kind, spec, labels)
 
 
 def largest_workable(spec: PartitionSpec, labels: np.ndarray) -> int:
@@ -269,6 +291,6 @@ def make_loader(split: Split, batch_size: int, seed: int, shuffle: bool = True) 
 
 __all__ = [
     "EVAL_SPLITS", "MIN_PARTITION_SIZE", "PARTITIONERS", "PARTITION_INDICES_ATTR", "TEST_FRACTION", "DataSpec",
-    "FederatedData", "PartitionSpec", "Split", "cut_partition", "data_label_names", "default_model", "load_bundled",
+    "FederatedData", "PartitionSpec", "Split", "check_partition", "cut_partition", "data_label_names", "default_model", "load_bundled",
     "load_federated_data", "load_partition", "make_loader", "partition_indices", "partitioner_for",
 ]

@@ -13,7 +13,10 @@ Built in, all from flwr-datasets:
 Add one with ``register_partitioner(name, build, ...)``: ``build(spec, labels)``
 returns a flwr-datasets partitioner and the columns of the table it cuts
 (``label_table(labels)`` when it needs nothing else); the table's ``index``
-column says which training rows each partition gets.
+column says which training rows each partition gets. Give it ``precheck``
+when whether every client gets data can be told from the labels alone (iid
+and shard can; Dirichlet must be cut): a run's preflight then checks the
+split without building the partitioner.
 """
 
 from __future__ import annotations
@@ -71,6 +74,13 @@ class PartitionerKind:
         ``describe(spec)``: a short name for titles, e.g. ``dirichlet (alpha 0.5)``.
     warning
         ``warning(spec, labels)``: a caveat said once, when partition 0 is cut, or None.
+    precheck
+        ``precheck(spec, labels)``: the whole feasibility check on the labels
+        alone (the same one-line ValueError as ``build``), for entries whose
+        split can be judged without cutting it. A run's preflight then skips
+        building the flwr-datasets partitioner (importing flwr-datasets alone
+        is 2 s of a simulation's start-up); entries without it are checked by
+        cutting partition 0.
     """
 
     name: str
@@ -78,6 +88,7 @@ class PartitionerKind:
     check: Callable[[PartitionSpec], None] | None = None
     describe: Callable[[PartitionSpec], str] | None = None
     warning: Callable[[PartitionSpec, np.ndarray], str | None] | None = None
+    precheck: Callable[[PartitionSpec, np.ndarray], None] | None = None
 
 
 _KINDS: dict[str, PartitionerKind] = {}
@@ -90,13 +101,14 @@ def register_partitioner(
     check: Callable[[PartitionSpec], None] | None = None,
     describe: Callable[[PartitionSpec], str] | None = None,
     warning: Callable[[PartitionSpec, np.ndarray], str | None] | None = None,
+    precheck: Callable[[PartitionSpec, np.ndarray], None] | None = None,
 ) -> PartitionerKind:
     """Add a partitioner (see ``PartitionerKind``); ValueError for a name that is empty or taken."""
     if not name or name != name.strip():
         raise ValueError(f"a partitioner name must be non-empty without surrounding spaces, got {name!r}")
     if name in _KINDS:
         raise ValueError(f"partitioner {name!r} is already registered; unregister_partitioner({name!r}) first")
-    _KINDS[name] = PartitionerKind(name, build, check, describe, warning)
+    _KINDS[name] = PartitionerKind(name, build, check, describe, warning, precheck)
     return _KINDS[name]
 
 
@@ -156,15 +168,20 @@ def _build_dirichlet(spec: PartitionSpec, labels: np.ndarray):
 
 
 # ---------------------------------------------------------------- iid
-def _build_iid(spec: PartitionSpec, labels: np.ndarray):
-    from flwr_datasets.partitioner import IidPartitioner
-
+def _check_iid(spec: PartitionSpec, labels: np.ndarray) -> None:
     size = len(labels)
     if spec.num_partitions > size:
         raise ValueError(
             f"an iid split of {size} training examples into {spec.num_partitions} clients leaves some client "
             f"without data; use at most {size} clients"
         )
+
+
+def _build_iid(spec: PartitionSpec, labels: np.ndarray):
+    from flwr_datasets.partitioner import IidPartitioner
+
+    _check_iid(spec, labels)
+    size = len(labels)
     # IidPartitioner cuts contiguous shards: put the rows in a seeded random
     # order first (a source's own training file may be sorted by label).
     order = np.random.default_rng(spec.data.seed).permutation(size)
@@ -175,6 +192,10 @@ def _build_iid(spec: PartitionSpec, labels: np.ndarray):
 def _check_shard_classes(spec: PartitionSpec) -> None:
     if spec.shard_classes < 1:
         raise ValueError(f"shard-classes must be an integer >= 1, got {spec.shard_classes}")
+
+
+def _precheck_shard(spec: PartitionSpec, labels: np.ndarray) -> None:
+    check_shard(spec, labels, shard_order(labels, spec.data.seed))
 
 
 def _build_shard(spec: PartitionSpec, labels: np.ndarray):
@@ -278,9 +299,9 @@ def _shard_warning(spec: PartitionSpec, labels: np.ndarray) -> str | None:
 
 register_partitioner("dirichlet", _build_dirichlet, check=_check_dirichlet,
                      describe=lambda spec: f"dirichlet (alpha {spec.dirichlet_alpha:g})")
-register_partitioner("iid", _build_iid)
+register_partitioner("iid", _build_iid, precheck=_check_iid)
 register_partitioner(
-    "shard", _build_shard, check=_check_shard_classes, warning=_shard_warning,
+    "shard", _build_shard, check=_check_shard_classes, warning=_shard_warning, precheck=_precheck_shard,
     describe=lambda spec: f"shard ({spec.shard_classes} class{'es' if spec.shard_classes != 1 else ''} per client)",
 )
 

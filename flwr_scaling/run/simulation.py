@@ -17,7 +17,7 @@ from flwr_scaling.protocol.flower_adapter import flower_ray_settings, simulation
 from flwr_scaling.run.checkpoint import Checkpoint
 from flwr_scaling.run.notices import without_known_notices
 from flwr_scaling.run.config import RunConfig, check_data_fits
-from flwr_scaling.data.federated import load_federated_data
+from flwr_scaling.data.federated import check_partition, load_federated_data
 from flwr_scaling.data.partition_plot import plot_partitions
 from flwr_scaling.run.outdir import check_run_folder
 from flwr_scaling.run.ray_start import RayStart
@@ -155,17 +155,13 @@ def check_ray_resources(cfg: RunConfig, *, cluster: bool) -> None:
 def preflight(cfg: RunConfig) -> None:
     """Everything that can fail before the first round: options, device, data, partitions (``simulate``
     starts Ray meanwhile, after the options and the files' existence passed, and stops it if this fails)."""
-    from flwr_scaling.clients.logic import client_partition
-
     cfg.validate()
     check_device(cfg)
     check_data_fits(cfg, load_federated_data(cfg.data_spec()))  # e.g. images too small for the model
-    # Cutting partition 0 checks every client's: the Dirichlet partitioner assigns
-    # all rows at the first request and fails unless every client gets
-    # MIN_PARTITION_SIZE; the iid and shard splits are checked when the
-    # partitioner is built. Cutting all of them here cost seconds for 1,000
-    # clients (and is repeated for every run of a sweep).
-    client_partition(cfg, 0)
+    # Every client's share in one check: the iid and shard splits on the labels alone, the Dirichlet
+    # split by cutting partition 0 (its partitioner assigns all rows at the first request). Cutting every
+    # partition here cost seconds for 1,000 clients, and is repeated for every run of a sweep.
+    check_partition(cfg.partition_spec())
 
 
 HEATMAP = "partitions.png"  # who holds which labels
@@ -261,15 +257,15 @@ def simulate(
     backend = backend_config(cfg, verbose)
     with without_known_notices():
         # Ray comes up while the data is read, and the heatmap is drawn while the actors start (BENCHMARKS §4:
-        # start-up at 1,000 nodes); Flower's backend finds Ray initialised and uses it. A failure below stops
-        # Ray before the error.
+        # start-up at 1,000 nodes; drawn while Ray started, its imports slowed Ray on 2 cores); Flower's backend
+        # finds Ray initialised and uses it. A failure below stops Ray before the error.
         early = None if attached else RayStart(flower_ray_settings(backend["init_args"]))
         heatmap = None
         try:
             prepare_output(cfg, resume, heatmap=False)
-            heatmap = HeatmapThread(cfg)
             if early is not None:
                 early.wait()
+            heatmap = HeatmapThread(cfg)
             # The server's own torch work (evaluation, aggregation, logreg's f* solve) on as many threads as a
             # client actor (see torch_threads; BENCHMARKS §4: round 1 at 1,000 a9a clients, 38.7 s before,
             # 11.2 s after).
