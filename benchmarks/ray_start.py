@@ -37,6 +37,8 @@ import sys
 import time
 from pathlib import Path
 
+from timing import time_calls  # benchmarks/timing.py (this script's folder is on sys.path)
+
 # (owner module, owner attribute or None, function name, label): Ray 2.55.1's private functions.
 STEPS = (
     ("ray._private.node", "Node", "start_gcs_server", "gcs"),
@@ -61,21 +63,9 @@ def child() -> None:
 
     parts: dict[str, float] = {"import_ray": imported}
 
-    def timed(owner, name: str, label: str) -> None:
-        original = getattr(owner, name)
-
-        def wrapper(*args, **kwargs):
-            start = time.perf_counter()
-            try:
-                return original(*args, **kwargs)
-            finally:
-                parts[label] = parts.get(label, 0.0) + time.perf_counter() - start
-
-        setattr(owner, name, wrapper)
-
     for module, attribute, name, label in STEPS:
         owner = importlib.import_module(module)
-        timed(getattr(owner, attribute) if attribute else owner, name, label)
+        time_calls(getattr(owner, attribute) if attribute else owner, name, label, parts)
     settings = flower_ray_settings(backend_config(RunConfig())["init_args"])
     start = time.perf_counter()
     ray.init(**settings)

@@ -69,6 +69,8 @@ import threading
 import time
 from pathlib import Path
 
+from timing import time_calls  # benchmarks/timing.py (this script's folder is on sys.path)
+
 A9A = "/work/shared/data/a9a"
 SIZES = (100, 1000)
 TARGET = 1.2
@@ -115,16 +117,7 @@ def child(num_clients: int, rounds: int, out: str, flower_polling: bool = False)
         return initial(self, *args, **kwargs)
 
     def timed(owner, name: str, label: str) -> None:
-        original = getattr(owner, name)
-
-        def wrapper(*args, **kwargs):
-            began = time.perf_counter()
-            try:
-                return original(*args, **kwargs)
-            finally:
-                parts[label] = parts.get(label, 0.0) + time.perf_counter() - began
-
-        setattr(owner, name, wrapper)
+        time_calls(owner, name, label, parts)
 
     recorder.RunRecorder.initial = timed_initial
     # The start-up's parts: options, data and partition check; Ray, actors and nodes up; node ranks.
