@@ -116,13 +116,10 @@ def child(num_clients: int, rounds: int, out: str, flower_polling: bool = False)
         marks["initial"] = time.perf_counter()
         return initial(self, *args, **kwargs)
 
-    def timed(owner, name: str, label: str) -> None:
-        time_calls(owner, name, label, parts)
-
     recorder.RunRecorder.initial = timed_initial
     # The start-up's parts: options, data and partition check; Ray, actors and nodes up; node ranks.
-    timed(simulation, "prepare_output", "prepare_output")
-    timed(simulation.RayStart, "wait", "ray_wait")
+    time_calls(simulation, "prepare_output", "prepare_output", parts)
+    time_calls(simulation.RayStart, "wait", "ray_wait", parts)
     ray_wait = simulation.RayStart.wait
 
     def ray_init_seconds(self):  # how long ray.init itself took (RayStart.wait returns it)
@@ -147,8 +144,8 @@ def child(num_clients: int, rounds: int, out: str, flower_polling: bool = False)
         return original_wait(*args, **kwargs)
 
     server_app.wait_for_nodes = marked_wait
-    timed(server_app, "wait_for_nodes", "wait_for_nodes")
-    timed(server_app, "describe_nodes", "describe_nodes")
+    time_calls(server_app, "wait_for_nodes", "wait_for_nodes", parts)
+    time_calls(server_app, "describe_nodes", "describe_nodes", parts)
     start = time.perf_counter()
     with contextlib.redirect_stdout(io.StringIO()):
         rows = simulate(config(num_clients, rounds, out))
